@@ -1,0 +1,312 @@
+"""Typed, validated, frozen run configuration.
+
+A run is described by one :class:`Config`: nested dataclasses whose fields are documented where they are
+declared. It is built in three layers, each overriding the last:
+
+1. the dataclass defaults below;
+2. a YAML preset shipped in ``jaxbert/configs`` (``--config small``) or any YAML file (``--config my.yaml``);
+3. command-line overrides in OmegaConf dotlist form (``train.peak_lr=1e-3``).
+
+OmegaConf checks keys and types against the schema; :func:`validate` then checks values that depend on one
+another. Every failure raises :class:`ConfigError` with one line naming the key. The result is a tree of
+frozen dataclasses: nothing mutates a config mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESETS = ("tiny", "mini", "small", "medium", "base")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type, or an impossible value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32768  # rows of the token embedding; replaced by the tokenizer's size when one is used
+    hidden: int = 768  # width of the residual stream
+    layers: int = 12  # encoder layers
+    heads: int = 12  # attention heads; must divide hidden
+    ffn: int = 3072  # feed-forward inner width
+    max_positions: int = 512  # rows of the learned absolute position embedding
+    type_vocab_size: int = 2  # segment (token-type) ids
+    post_ln: bool = False  # False: pre-LayerNorm with a final LayerNorm; True: original BERT (post-LN)
+    dropout: float = 0.0  # hidden dropout (embeddings, attention output, feed-forward output)
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02  # std of the truncated-normal weight initialisation
+    activation: str = "gelu"  # "gelu" (exact, erf) or "gelu_tanh"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: Optional[str] = None  # an existing tokenizer.json / vocab.txt / directory; None trains one
+    vocab_size: int = 32768  # size of a trained vocabulary (kept a multiple of 64)
+    lowercase: bool = True
+    min_frequency: int = 2  # a pair must occur this often to be merged
+    max_documents: Optional[int] = None  # train on the first N documents only (None: all)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "demo"  # "demo" (embedded Wikipedia summaries), a path, or "hf:<name>" for the HF hub
+    format: str = "auto"  # auto | wikiextractor | wikidump | text | jsonl | csv | parquet | json | hf
+    text_column: str = "text"  # column holding the text for table-like sources
+    hf_config: Optional[str] = None  # HF dataset config, e.g. "20231101.en"
+    hf_split: str = "train"
+    min_doc_chars: int = 50  # documents shorter than this (after cleaning) are dropped
+    max_documents: Optional[int] = None  # read at most N documents (None: all)
+    val_fraction: float = 0.01  # fraction of documents held out for validation
+    seq_len: int = 128  # tokens per training sequence
+    mlm_probability: float = 0.15
+    max_predictions: int = 20  # masked positions predicted per sequence (fixed, for static shapes)
+    cache_dir: str = "cache"  # prepared datasets live in <cache_dir>/<hash>/
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000  # optimizer steps (ignored for the schedule when budget_minutes is set)
+    budget_minutes: Optional[float] = None  # time-budget mode: schedules run on elapsed time, stop at budget
+    micro_batch: int = 64  # sequences per forward/backward pass (memory)
+    batch_start: int = 64  # effective batch (sequences) at the start of the ramp
+    batch_end: int = 256  # effective batch at the end of the ramp; multiples of micro_batch
+    batch_ramp_fraction: float = 0.0  # fraction of training over which the batch grows linearly
+    peak_lr: float = 1e-3
+    warmup_fraction: float = 0.1  # one-cycle: fraction of training spent warming up to peak_lr
+    final_lr_fraction: float = 0.0  # lr at the end as a fraction of peak_lr
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    clip_norm: float = 0.5  # global gradient-norm clipping (0 disables)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (compute dtype; parameters stay fp32)
+    loss_scale_init: float = 32768.0  # initial dynamic loss scale (fp16 only)
+    loss_scale_period: int = 2000  # finite steps before the scale doubles
+    max_skipped_steps: int = 20  # stop after this many consecutive non-finite steps
+    eval_every: int = 200  # steps between evaluations (0: only at the end)
+    eval_batches: int = 20  # micro-batches per evaluation
+    checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    out_dir: str = "runs"
+    run_name: Optional[str] = None  # default: <preset>-<timestamp>
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str = "mnli"
+    glue_dir: str = "glue"  # directory in the official GLUE layout
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 32
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    dropout: float = 0.1
+    max_len: int = 128
+    seed: int = 0
+    precision: str = "fp32"
+    out_dir: str = "runs/finetune"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    wandb: bool = False  # log to Weights & Biases (offline when no API key is set)
+    project: str = "jaxbert"
+    jsonl: bool = True
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class ImplConfig:
+    """Settings that change speed, never results."""
+
+    attention: str = "auto"  # auto | xla | cudnn
+    remat: bool = False  # recompute layer activations in the backward pass (saves memory)
+    prefetch: int = 2  # batches prepared ahead by the loader thread
+    workers: int = 0  # tokenizer threads for preparation (0: all cores)
+    encode_batch: int = 1000  # documents per encode batch during preparation
+    log_every: int = 10  # steps between console/JSONL metric fetches
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "base"  # name of the preset this config started from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    impl: ImplConfig = field(default_factory=ImplConfig)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that depend on each other; raise ConfigError naming the first bad key."""
+    m, d, t, f, i = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.impl
+    for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_positions", "type_vocab_size"):
+        _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+    _check(m.hidden % m.heads == 0, "model.heads", f"{m.heads} heads do not divide hidden={m.hidden}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
+    _check(m.activation in ("gelu", "gelu_tanh"), "model.activation", f"expected gelu|gelu_tanh, got {m.activation!r}")
+    _check(cfg.tokenizer.vocab_size >= 64, "tokenizer.vocab_size", "must be at least 64")
+    _check(d.seq_len >= 8, "data.seq_len", f"must be at least 8, got {d.seq_len}")
+    _check(d.seq_len <= m.max_positions, "data.seq_len",
+           f"{d.seq_len} exceeds model.max_positions={m.max_positions}")
+    _check(0.0 < d.mlm_probability < 1.0, "data.mlm_probability", "must be in (0, 1)")
+    _check(0 < d.max_predictions <= d.seq_len, "data.max_predictions", f"must be in [1, seq_len={d.seq_len}]")
+    _check(0.0 <= d.val_fraction < 0.5, "data.val_fraction", f"must be in [0, 0.5), got {d.val_fraction}")
+    _check(d.format in ("auto", "wikiextractor", "wikidump", "text", "jsonl", "csv", "parquet", "json", "hf"),
+           "data.format", f"unknown format {d.format!r}")
+    _check(t.steps > 0, "train.steps", "must be positive")
+    _check(t.budget_minutes is None or t.budget_minutes > 0, "train.budget_minutes", "must be positive")
+    _check(t.micro_batch > 0, "train.micro_batch", "must be positive")
+    for name in ("batch_start", "batch_end"):
+        value = getattr(t, name)
+        _check(value > 0 and value % t.micro_batch == 0, f"train.{name}",
+               f"{value} is not a positive multiple of train.micro_batch={t.micro_batch}")
+    _check(t.batch_start <= t.batch_end, "train.batch_start", "must not exceed train.batch_end")
+    for name in ("batch_ramp_fraction", "warmup_fraction", "final_lr_fraction"):
+        _check(0.0 <= getattr(t, name) <= 1.0, f"train.{name}", "must be in [0, 1]")
+    _check(t.peak_lr > 0, "train.peak_lr", "must be positive")
+    _check(t.precision in _PRECISIONS, "train.precision", f"expected one of {_PRECISIONS}, got {t.precision!r}")
+    _check(f.precision in _PRECISIONS, "finetune.precision", f"expected one of {_PRECISIONS}, got {f.precision!r}")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    _check(f.max_len <= m.max_positions, "finetune.max_len", f"exceeds model.max_positions={m.max_positions}")
+    _check(0.0 <= f.dropout < 1.0, "finetune.dropout", "must be in [0, 1)")
+    _check(i.attention in ("auto", "xla", "cudnn"), "impl.attention", f"expected auto|xla|cudnn, got {i.attention!r}")
+    return cfg
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a shipped preset, or the given path when it names a file."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"config file '{name}' does not exist")
+        return candidate
+    resource = importlib.resources.files("jaxbert") / "configs" / f"{name}.yaml"
+    if not resource.is_file():
+        raise ConfigError(f"unknown preset '{name}': expected one of {', '.join(list_presets())} or a .yaml file")
+    return Path(str(resource))
+
+
+def list_presets() -> list[str]:
+    folder = importlib.resources.files("jaxbert") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    first = str(err).splitlines()[0]
+    return ConfigError(f"config key '{key}' ({source}): {first}")
+
+
+def load(preset: str = "base", overrides: Sequence[str] = ()) -> Config:
+    """Build a validated, frozen Config from a preset (name or YAML path) and dotlist overrides."""
+    schema = OmegaConf.structured(Config)
+    path = preset_path(preset)
+    try:
+        from_file = OmegaConf.load(path)
+    except Exception as err:  # a YAML syntax error
+        raise ConfigError(f"config file '{path}': not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(from_file, DictConfig):
+        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    try:
+        merged = OmegaConf.merge(schema, {"preset": path.stem}, from_file)
+    except OmegaConfBaseException as err:
+        raise _friendly(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.peak_lr=1e-3")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _friendly(err, f"override '{item}'") from None
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from its dict form (as written next to a run); validated."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise _friendly(err, "saved config") from None
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a run's outputs (atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(target)
+    return target
+
+
+def load_saved(path: str | Path) -> Config:
+    """Read a config written by :func:`save` (a file or a run directory holding config.yaml)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(data, dict)
+    return from_dict(data)
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy of cfg with whole sections or nested fields replaced: replace(cfg, model={'vocab_size': 512})."""
+    changes = {}
+    for name, value in sections.items():
+        current = getattr(cfg, name)
+        changes[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+    return validate(dataclasses.replace(cfg, **changes))
+
+
+def add_config_arguments(parser: Any, default_preset: str = "base") -> None:
+    """Add ``--config NAME`` and positional ``key=value`` overrides to an argparse parser."""
+    parser.add_argument("--config", default=default_preset,
+                        help=f"preset name ({', '.join(PRESETS)}, ...) or a YAML file (default: {default_preset})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides in dotted form, e.g. train.peak_lr=1e-3")
+
+
+def from_args(args: Any) -> Config:
+    return load(args.config, args.overrides)

@@ -1,0 +1,109 @@
+"""The BERT encoder: embeddings, a scan over stacked encoder layers, an optional final LayerNorm, a pooler.
+
+Layer parameters are stored stacked along a leading ``layers`` axis and applied with ``jax.lax.scan``, so
+compile time does not grow with depth. :meth:`BertModel.unrolled` applies the same layers one by one and
+serves as the reference in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int, PRNGKeyArray
+
+from ..config import ModelConfig
+from ..precision import Policy
+from .layers import Dense, EncoderLayer, Embeddings, LayerNorm, dropout
+
+
+class BertModel(eqx.Module):
+    """The encoder. ``__call__`` maps token ids to hidden states ``(batch, seq, hidden)``."""
+
+    embeddings: Embeddings
+    layers: EncoderLayer  # every array has a leading axis of size config.layers
+    final_norm: Optional[LayerNorm]  # pre-LN only
+    pooler: Dense  # tanh(dense(h[CLS])), as in BERT
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+        k_emb, k_layers, k_pool = jax.random.split(key, 3)
+        self.embeddings = Embeddings(cfg, key=k_emb)
+        self.layers = eqx.filter_vmap(lambda k: EncoderLayer(cfg, key=k))(jax.random.split(k_layers, cfg.layers))
+        self.final_norm = None if cfg.post_ln else LayerNorm(cfg.hidden, cfg.layer_norm_eps)
+        self.pooler = Dense(cfg.hidden, cfg.hidden, cfg.init_std, key=k_pool)
+        self.config = cfg
+
+    def _embed(self, input_ids: Array, segment_ids: Optional[Array], policy: Policy,
+               key: Optional[PRNGKeyArray]) -> Array:
+        if segment_ids is None:
+            segment_ids = jnp.zeros_like(input_ids)
+        x = self.embeddings(input_ids, segment_ids, policy.compute_dtype)
+        return dropout(x, self.config.dropout, key)
+
+    def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Int[Array, "b s"]] = None,
+                 mask: Optional[Bool[Array, "b s"]] = None, *, key: Optional[PRNGKeyArray] = None,
+                 policy: Policy = Policy(), attention: str = "auto", remat: bool = False) -> Array:
+        """Hidden states of the last layer (after the final LayerNorm in pre-LN mode), compute dtype.
+
+        ``mask``: True for real tokens, False for padding; None when there is no padding.
+        """
+        cfg = self.config
+        k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
+        x = self._embed(input_ids, segment_ids, policy, k_emb)
+        params, static = eqx.partition(self.layers, eqx.is_array)
+        layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.layers)
+
+        def body(h: Array, inputs: tuple) -> tuple[Array, None]:
+            layer_params, layer_key = inputs
+            layer = eqx.combine(layer_params, static)
+            return layer(h, mask, cfg, attention, layer_key), None
+
+        if remat:
+            body = jax.checkpoint(body)  # type: ignore[assignment]
+        x, _ = jax.lax.scan(body, x, (params, layer_keys))
+        return x if self.final_norm is None else self.final_norm(x)
+
+    def unrolled(self, input_ids: Array, segment_ids: Optional[Array] = None, mask: Optional[Array] = None, *,
+                 key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(), attention: str = "auto") -> Array:
+        """The same computation as ``__call__`` with a Python loop over layers (a test reference)."""
+        cfg = self.config
+        k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
+        x = self._embed(input_ids, segment_ids, policy, k_emb)
+        params, static = eqx.partition(self.layers, eqx.is_array)
+        layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.layers)
+        for i in range(cfg.layers):
+            layer = eqx.combine(jax.tree.map(lambda a: a[i], params), static)
+            x = layer(x, mask, cfg, attention, None if layer_keys is None else layer_keys[i])
+        return x if self.final_norm is None else self.final_norm(x)
+
+    def pool(self, hidden: Array) -> Array:
+        """BERT's pooled output: tanh of a dense layer on the first ([CLS]) position."""
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+
+def with_config(module: eqx.Module, path: str, cfg: ModelConfig) -> eqx.Module:
+    """A copy of ``module`` whose BertModel (at attribute ``path``, '' for the module itself) uses ``cfg``.
+
+    Only settings that do not change parameter shapes may differ (dropout rates, activation, eps).
+    """
+    target = module if not path else getattr(module, path)
+    assert isinstance(target, BertModel)
+    old = target.config
+    for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_positions", "type_vocab_size", "post_ln"):
+        if getattr(old, name) != getattr(cfg, name):
+            raise ValueError(f"model.{name}: cannot change from {getattr(old, name)} to {getattr(cfg, name)} "
+                             "on an existing model")
+    skeleton = eqx.filter_eval_shape(BertModel, cfg, key=jax.random.PRNGKey(0))
+    rebuilt = jax.tree.unflatten(jax.tree.structure(skeleton), jax.tree.leaves(target))
+    if not path:
+        return rebuilt
+    return eqx.tree_at(lambda m: getattr(m, path), module, rebuilt)
+
+
+def count_parameters(module: eqx.Module) -> int:
+    """Number of parameters; works on real arrays and on shapes from ``eqx.filter_eval_shape``."""
+    leaves = jax.tree.leaves(module)
+    return sum(int(x.size) for x in leaves if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)))

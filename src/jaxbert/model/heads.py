@@ -1,0 +1,85 @@
+"""Task heads on top of :class:`BertModel`: masked-language modelling and sequence classification/regression."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ..config import ModelConfig
+from ..precision import Policy
+from .bert import BertModel
+from .layers import Dense, LayerNorm, activation, dropout
+
+
+class MLMHead(eqx.Module):
+    """dense -> GELU -> LayerNorm -> decoder tied to the token embedding, plus an output bias."""
+
+    transform: Dense
+    norm: LayerNorm
+    bias: Float[Array, " vocab"]
+
+    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+        self.transform = Dense(cfg.hidden, cfg.hidden, cfg.init_std, key=key)
+        self.norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
+        self.bias = jnp.zeros((cfg.vocab_size,), jnp.float32)
+
+    def __call__(self, hidden: Array, token_embedding: Array, act: str) -> Float[Array, "... vocab"]:
+        """float32 logits for every vector in ``hidden`` (``(..., hidden)``)."""
+        h = self.norm(activation(self.transform(hidden), act))
+        logits = jnp.dot(h, token_embedding.astype(h.dtype).T, preferred_element_type=jnp.float32)
+        return logits + self.bias
+
+
+class BertForMLM(eqx.Module):
+    bert: BertModel
+    mlm: MLMHead
+
+    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bert = BertModel(cfg, key=k1)
+        self.mlm = MLMHead(cfg, key=k2)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.bert.config
+
+    def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Array] = None,
+                 mask: Optional[Array] = None, positions: Optional[Int[Array, "b m"]] = None, *,
+                 key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(), attention: str = "auto",
+                 remat: bool = False) -> Float[Array, "b n vocab"]:
+        """float32 MLM logits; at every position, or only at ``positions`` (sparse prediction, ``(b, m)``)."""
+        hidden = self.bert(input_ids, segment_ids, mask, key=key, policy=policy, attention=attention, remat=remat)
+        if positions is not None:
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        return self.mlm(hidden, self.bert.embeddings.token, self.config.activation)
+
+
+class BertForClassification(eqx.Module):
+    """Pooled [CLS] -> dropout -> dense to ``num_labels`` logits (``num_labels == 1``: regression)."""
+
+    bert: BertModel
+    classifier: Dense
+    num_labels: int = eqx.field(static=True)
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, *, key: PRNGKeyArray,
+                 bert: Optional[BertModel] = None):
+        k1, k2 = jax.random.split(key)
+        self.bert = BertModel(cfg, key=k1) if bert is None else bert
+        self.classifier = Dense(cfg.hidden, num_labels, cfg.init_std, key=k2)
+        self.num_labels = num_labels
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.bert.config
+
+    def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Array] = None,
+                 mask: Optional[Array] = None, *, key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(),
+                 attention: str = "auto") -> Float[Array, "b labels"]:
+        k_enc, k_drop = (None, None) if key is None else jax.random.split(key)
+        hidden = self.bert(input_ids, segment_ids, mask, key=k_enc, policy=policy, attention=attention)
+        pooled = dropout(self.bert.pool(hidden), self.config.dropout, k_drop)
+        return self.classifier(pooled).astype(jnp.float32)
