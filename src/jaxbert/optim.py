@@ -1,0 +1,114 @@
+"""Optimizer, learning-rate schedule and batch-size ramp.
+
+* AdamW (optax) with weight decay on weight matrices and embedding tables only: biases, LayerNorm parameters
+  and the pooler (unused by the MLM loss, so decay would only shrink it) are not decayed. Global-norm clipping
+  comes first. The learning rate is an input of every step (``optax.inject_hyperparams``), set by
+  :func:`set_learning_rate`, so the schedule can run on steps or on elapsed time without recompiling.
+* The one-cycle schedule and the batch-size ramp are functions of *progress* in [0, 1]: ``step / steps``, or
+  ``elapsed / budget`` in time-budget mode (as Cramming does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import optax
+
+from .config import TrainConfig
+from .model.layers import LayerNorm
+
+Schedule = Callable[[Any], Any]
+
+
+def decay_mask(params: Any) -> Any:
+    """A pytree of bools like ``params``: True where weight decay applies.
+
+    Decayed: dense weights and the token/position/segment embeddings. Not decayed: every ``bias``, every
+    LayerNorm ``scale``/``bias``, and anything under ``pooler``.
+    """
+
+    def mark(path: tuple, leaf: Any) -> Any:
+        if isinstance(leaf, LayerNorm):
+            return jax.tree.map(lambda _: False, leaf)
+        names = [getattr(k, "name", None) for k in path]
+        return not (names[-1] == "bias" or "pooler" in names)
+
+    return jax.tree_util.tree_map_with_path(mark, params, is_leaf=lambda x: isinstance(x, LayerNorm))
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    """The optimizer's fixed hyperparameters; hashable, so jitted steps can rebuild the optimizer from it."""
+
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float = 0.5  # 0 disables clipping
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> "AdamWSettings":
+        return cls(train.beta1, train.beta2, train.eps, train.weight_decay, train.clip_norm)
+
+
+def make_optimizer(settings: AdamWSettings, params: Any) -> optax.GradientTransformation:
+    """clip_by_global_norm (identity when clip_norm == 0) followed by AdamW with an injectable learning rate."""
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=0.0, b1=settings.b1, b2=settings.b2, eps=settings.eps, weight_decay=settings.weight_decay,
+        mask=decay_mask(params))
+    clip = optax.clip_by_global_norm(settings.clip_norm) if settings.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, adamw)
+
+
+def set_learning_rate(opt_state: Any, lr: Any) -> Any:
+    """The optimizer state of :func:`make_optimizer` with its learning rate replaced (traceable)."""
+    clip_state, adam_state = opt_state
+    hyper = dict(adam_state.hyperparams)
+    hyper["learning_rate"] = jax.numpy.asarray(lr, hyper["learning_rate"].dtype)
+    return (clip_state, adam_state._replace(hyperparams=hyper))
+
+
+def one_cycle(peak: float, warmup_fraction: float, final_fraction: float) -> Schedule:
+    """lr(progress): linear 0 -> peak over ``warmup_fraction``, then linear peak -> final_fraction * peak at 1."""
+    final = peak * final_fraction
+    anneal_length = 1.0 - warmup_fraction
+    if anneal_length <= 0.0:
+        return optax.linear_schedule(0.0, peak, warmup_fraction)
+    anneal = optax.linear_schedule(peak, final, anneal_length)
+    if warmup_fraction <= 0.0:
+        return anneal
+    warmup = optax.linear_schedule(0.0, peak, warmup_fraction)
+    return optax.join_schedules([warmup, anneal], [warmup_fraction])
+
+
+def schedule_for(train: TrainConfig) -> Schedule:
+    return one_cycle(train.peak_lr, train.warmup_fraction, train.final_lr_fraction)
+
+
+def progress_at(train: TrainConfig, step: int, elapsed_seconds: float) -> float:
+    """Training progress in [0, 1]: by steps, or by elapsed time when ``budget_minutes`` is set."""
+    if train.budget_minutes is not None:
+        fraction = elapsed_seconds / (60.0 * train.budget_minutes)
+    else:
+        fraction = step / train.steps
+    return min(max(fraction, 0.0), 1.0)
+
+
+def micro_batches_at(train: TrainConfig, progress: float) -> int:
+    """Micro-batches per optimizer step: a linear ramp from batch_start to batch_end over batch_ramp_fraction.
+
+    The effective batch is ``micro_batches_at(...) * micro_batch``, always a whole number of micro-batches,
+    non-decreasing in progress, ``batch_start`` at progress 0 and ``batch_end`` from the end of the ramp on.
+    """
+    first = train.batch_start // train.micro_batch
+    last = train.batch_end // train.micro_batch
+    if train.batch_ramp_fraction <= 0.0:
+        return last
+    fraction = min(progress / train.batch_ramp_fraction, 1.0)
+    return first + int((last - first) * fraction + 1e-9)
+
+
+def batch_size_at(train: TrainConfig, progress: float) -> int:
+    return micro_batches_at(train, progress) * train.micro_batch

@@ -1,0 +1,288 @@
+"""MLM training: the :class:`TrainState`, pure jitted steps, evaluation, and the loop with hooks.
+
+One optimizer step is ``k`` calls of :func:`micro_step` (forward/backward on one micro-batch, gradients of the
+*summed* loss added into a carried float32 :class:`Accumulator`) followed by one :func:`apply_step` (divide by
+the number of predictions, clip, AdamW, loss-scale bookkeeping). ``k`` may change from step to step (the
+batch-size ramp) without recompiling anything.
+
+Masking happens inside the step: the state's key is split once per optimizer step, and each row's mask is drawn
+from ``fold_in(mask_key, row index within the step)``, so a step's masks do not depend on how its batch is cut
+into micro-batches. Non-finite gradients skip the update (parameters and optimizer state are kept bitwise),
+halve the fp16 loss scale and are counted in the metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .checkpoint import Progress
+from .config import Config
+from .data.mlm import MLMBatch, mask_tokens
+from .model import BertForMLM
+from .optim import AdamWSettings, make_optimizer, micro_batches_at, progress_at, schedule_for, set_learning_rate
+from .precision import LossScale, Policy, all_finite
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Static (hashable) settings of the jitted steps."""
+
+    policy: Policy
+    special_ids: tuple[int, ...]
+    mask_id: int
+    vocab_size: int
+    mlm_probability: float
+    max_predictions: int
+    optimizer: AdamWSettings
+    attention: str = "auto"
+    remat: bool = False
+
+
+def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int) -> StepSpec:
+    """The step settings of a run: precision, masking (ids from the tokenizer), attention implementation."""
+    return StepSpec(Policy.from_name(cfg.train.precision), tuple(int(i) for i in special_ids), int(mask_id),
+                    cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
+                    AdamWSettings.from_config(cfg.train), cfg.impl.attention, cfg.impl.remat)
+
+
+class TrainState(eqx.Module):
+    model: BertForMLM  # float32 master parameters
+    opt_state: Any
+    loss_scale: LossScale
+    step: jax.Array  # int32: optimizer steps taken (skipped ones included)
+    key: jax.Array  # uint32[2]: split once per step
+    skipped: jax.Array  # int32: steps skipped for non-finite gradients, in total
+    consecutive_skipped: jax.Array  # int32: ... in a row, up to now
+
+
+def init_state(cfg: Config, *, key: jax.Array) -> TrainState:
+    """A fresh state: the key is split by purpose (model init, training randomness)."""
+    k_init, k_train = jax.random.split(key)
+    model = BertForMLM(cfg.model, key=k_init)
+    tx = make_optimizer(AdamWSettings.from_config(cfg.train), model)
+    policy = Policy.from_name(cfg.train.precision)
+    scale = LossScale.create(cfg.train.loss_scale_init, cfg.train.loss_scale_period, policy.needs_loss_scaling)
+    def zero() -> jax.Array:  # distinct buffers: donated arguments must not alias
+        return jnp.zeros((), jnp.int32)
+
+    return TrainState(model, tx.init(model), scale, zero(), k_train, zero(), zero())
+
+
+class Accumulator(eqx.Module):
+    grads: Any  # float32, shaped like the model: gradient of the summed loss
+    loss_sum: jax.Array
+    weight_sum: jax.Array  # number of real predictions
+    correct_sum: jax.Array
+
+
+def zero_accumulator(model: BertForMLM) -> Accumulator:
+    grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), model)
+    return Accumulator(grads, *(jnp.zeros((), jnp.float32) for _ in range(3)))
+
+
+def _step_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(next state key, mask key, dropout key) of the step that starts from ``key``."""
+    next_key, step_key = jax.random.split(key)
+    mask_key, dropout_key = jax.random.split(step_key)
+    return next_key, mask_key, dropout_key
+
+
+def mask_rows(ids: jax.Array, key: jax.Array, offset: jax.Array, spec: StepSpec) -> MLMBatch:
+    """MLM-mask each row with its own key ``fold_in(key, offset + row)``."""
+    rows = offset + jnp.arange(ids.shape[0], dtype=jnp.int32)
+    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
+
+    def one(row: jax.Array, k: jax.Array) -> MLMBatch:
+        out = mask_tokens(row[None], k, special_ids=spec.special_ids, mask_id=spec.mask_id,
+                          vocab_size=spec.vocab_size, probability=spec.mlm_probability,
+                          max_predictions=spec.max_predictions)
+        return jax.tree.map(lambda x: x[0], out)
+
+    return jax.vmap(one)(ids, keys)
+
+
+def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
+             key: Optional[jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(summed weighted cross-entropy, (number of predictions, number correct)), float32, sparse logits."""
+    logits = model(batch.input_ids, positions=batch.positions, key=key, policy=spec.policy,
+                   attention=spec.attention, remat=spec.remat).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
+    correct = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
+    return jnp.sum(nll * batch.weights), (jnp.sum(batch.weights), jnp.sum(correct * batch.weights))
+
+
+@eqx.filter_jit(donate="all-except-first")
+def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: jax.Array,
+               spec: StepSpec) -> Accumulator:
+    """Add one micro-batch's gradients (rows ``offset ...`` of the current step) into ``accum``."""
+    _, mask_key, dropout_key = _step_keys(state.key)
+    batch = mask_rows(ids, mask_key, offset, spec)
+    slots = float(ids.shape[0] * spec.max_predictions)  # keeps the backward pass at mean-loss magnitude
+
+    def scaled_loss(model: BertForMLM) -> tuple[jax.Array, tuple]:
+        total, aux = mlm_sums(model, batch, spec, jax.random.fold_in(dropout_key, offset))
+        return state.loss_scale.scale_loss(total / slots), (total, aux)
+
+    grads, (total, (weight, correct)) = eqx.filter_grad(scaled_loss, has_aux=True)(state.model)
+    grads = state.loss_scale.unscale(grads)
+    summed = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * slots, accum.grads, grads)
+    return Accumulator(summed, accum.loss_sum + total, accum.weight_sum + weight, accum.correct_sum + correct)
+
+
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+@eqx.filter_jit(donate="all-except-first")
+def apply_step(lr: jax.Array, state: TrainState, accum: Accumulator,
+               spec: StepSpec) -> tuple[TrainState, Accumulator, dict[str, jax.Array]]:
+    """Average the accumulated gradients and update (or skip, when they are not finite); reset ``accum``."""
+    count = jnp.maximum(accum.weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / count, accum.grads)
+    finite = jnp.logical_and(all_finite(grads), jnp.isfinite(accum.loss_sum))
+    opt_state = set_learning_rate(state.opt_state, lr)
+    updates, new_opt = make_optimizer(spec.optimizer, state.model).update(grads, opt_state, state.model)
+    model = _select(finite, eqx.apply_updates(state.model, updates), state.model)
+    opt_state = _select(finite, new_opt, state.opt_state)
+    skipped = (~finite).astype(jnp.int32)
+    next_key, _, _ = _step_keys(state.key)
+    new_state = TrainState(model, opt_state, state.loss_scale.update(finite), state.step + 1, next_key,
+                           state.skipped + skipped, (state.consecutive_skipped + skipped) * skipped)
+    metrics = {"loss": accum.loss_sum / count, "accuracy": accum.correct_sum / count,
+               "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(lr, jnp.float32),
+               "loss_scale": state.loss_scale.scale, "skipped": skipped,
+               "skipped_total": new_state.skipped, "consecutive_skipped": new_state.consecutive_skipped}
+    return new_state, jax.tree.map(jnp.zeros_like, accum), metrics
+
+
+def train_step(state: TrainState, micro_batches: Sequence[jax.Array], lr: float,
+               spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over the given micro-batches (all of one size); a convenience for tests and tools."""
+    accum = zero_accumulator(state.model)
+    for i, ids in enumerate(micro_batches):
+        accum = micro_step(state, accum, jnp.asarray(ids), jnp.int32(i * len(ids)), spec)
+    state, _, metrics = apply_step(jnp.float32(lr), state, accum, spec)
+    return state, metrics
+
+
+@eqx.filter_jit
+def eval_sums(model: BertForMLM, ids: jax.Array, key: jax.Array, offset: jax.Array,
+              spec: StepSpec) -> jax.Array:
+    """[loss sum, predictions, correct] of one held-out micro-batch, masked with a fixed key."""
+    total, (weight, correct) = mlm_sums(model, mask_rows(ids, key, offset, spec), spec, None)
+    return jnp.stack([total, weight, correct])
+
+
+def evaluate(model: BertForMLM, batches: Sequence[np.ndarray], spec: StepSpec, key: jax.Array) -> dict[str, float]:
+    """Held-out MLM loss and accuracy; the same key and batches give comparable numbers across a run."""
+    sums = jnp.zeros(3, jnp.float32)
+    offset = 0
+    for ids in batches:
+        sums = sums + eval_sums(model, jnp.asarray(ids), key, jnp.int32(offset), spec)
+        offset += len(ids)
+    total, weight, correct = (float(x) for x in jax.device_get(sums))
+    weight = max(weight, 1.0)
+    return {"loss": total / weight, "accuracy": correct / weight, "predictions": weight}
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Periodic:
+    """A hook ``fn(state, progress)`` run every ``every`` steps (0: never during training) and, with
+    ``at_end``, once after the last step unless it just ran."""
+
+    every: int
+    fn: Callable[[TrainState, Progress], None]
+    at_end: bool = True
+
+
+class TrainingDiverged(ValueError):
+    """Too many consecutive steps had non-finite gradients."""
+
+
+def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
+             micro_batches: Iterator[jax.Array], *, hooks: Sequence[Periodic] = (),
+             on_log: Callable[[int, dict[str, float]], None] = lambda step, m: None,
+             should_stop: Callable[[], bool] = lambda: False) -> tuple[TrainState, Progress, str]:
+    """Train until ``train.steps`` (or the time budget) is reached or ``should_stop()``; returns the reason.
+
+    ``micro_batches`` yields consecutive micro-batches of training samples starting at ``progress.data_position``.
+    Metrics stay on the device and are fetched (averaged) every ``impl.log_every`` steps only.
+    """
+    t, mb = cfg.train, cfg.train.micro_batch
+    schedule, pending, hook_seconds = schedule_for(t), [], 0.0
+    start, base_elapsed, last_log = time.perf_counter(), progress.elapsed_seconds, time.perf_counter()
+    offsets: dict[int, jax.Array] = {}
+    accum, reason = zero_accumulator(state.model), "done"
+    while True:
+        elapsed = base_elapsed + time.perf_counter() - start - hook_seconds
+        fraction = progress_at(t, progress.step, elapsed)
+        if (t.budget_minutes is None and progress.step >= t.steps) or (t.budget_minutes is not None and fraction >= 1):
+            break
+        if should_stop():
+            reason = "stopped"
+            break
+        k = micro_batches_at(t, fraction)
+        for i in range(k):
+            offsets.setdefault(i, jnp.int32(i * mb))
+            accum = micro_step(state, accum, next(micro_batches), offsets[i], spec)
+        state, accum, metrics = apply_step(jnp.float32(schedule(fraction)), state, accum, spec)
+        elapsed = base_elapsed + time.perf_counter() - start - hook_seconds
+        progress = Progress(progress.step + 1, progress.data_position + k * mb, elapsed)
+        pending.append((metrics, k * mb))
+        if len(pending) >= max(cfg.impl.log_every, 1):
+            now = time.perf_counter()
+            on_log(progress.step, _summarise(pending, now - last_log, cfg.data.seq_len, fraction))
+            last_log, pending = now, []
+            _check_skipped(state, t.max_skipped_steps)
+        hook_start = time.perf_counter()
+        for hook in hooks:
+            if hook.every > 0 and progress.step % hook.every == 0:
+                hook.fn(state, progress)
+        hook_seconds += time.perf_counter() - hook_start
+    if pending:
+        on_log(progress.step, _summarise(pending, time.perf_counter() - last_log, cfg.data.seq_len,
+                                         progress_at(t, progress.step, progress.elapsed_seconds)))
+        _check_skipped(state, t.max_skipped_steps)
+    for hook in hooks:
+        if hook.at_end and not (hook.every > 0 and progress.step % hook.every == 0):
+            hook.fn(state, progress)
+    return state, progress, reason
+
+
+def _summarise(pending: list, seconds: float, seq_len: int, fraction: float) -> dict[str, float]:
+    """Average the pending device metrics (one transfer) and add throughput figures."""
+    fetched = jax.device_get([m for m, _ in pending])
+    out = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+    for name in ("lr", "loss_scale", "skipped_total", "consecutive_skipped"):
+        out[name] = float(fetched[-1][name])
+    samples = sum(n for _, n in pending)
+    out["batch_size"] = float(pending[-1][1])
+    out["tokens_per_second"] = samples * seq_len / max(seconds, 1e-9)
+    out["progress"] = fraction
+    return out
+
+
+def _check_skipped(state: TrainState, limit: int) -> None:
+    run = int(state.consecutive_skipped)
+    if run >= limit:
+        raise TrainingDiverged(f"{run} consecutive steps had non-finite gradients (train.max_skipped_steps="
+                               f"{limit}); stopped without saving, the last checkpoint is kept")
+
+
+def micro_batch_stream(sample: Callable[[int, int], np.ndarray], start: int, micro_batch: int) -> Iterator[np.ndarray]:
+    """Consecutive micro-batches ``sample(position, micro_batch)`` from sample index ``start`` on."""
+    position = start
+    while True:
+        yield sample(position, micro_batch)
+        position += micro_batch
