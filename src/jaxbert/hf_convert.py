@@ -23,11 +23,13 @@ from typing import Any, Mapping, Optional
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .config import ModelConfig
-from .model import BertForClassification, BertForMLM
+from .model import BertForClassification, BertForMLM, MLMHead
+from .model.layers import Dense
 
 BERT, PRELN = "bert", "roberta-prelayernorm"
 PREFIXES = {BERT: "bert.", PRELN: "roberta_prelayernorm."}
@@ -141,15 +143,18 @@ def hf_config_from_model(cfg: ModelConfig, *, pad_id: int, cls_id: Optional[int]
 # --- flat parameter dicts ---------------------------------------------------------------------------------------
 
 
-def flat_params(module: eqx.Module) -> dict[str, np.ndarray]:
-    """``{"bert.layers.qkv.weight": array, ...}`` for every array leaf of a jaxbert module."""
+def _leaves(module: eqx.Module) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(module)[0]
-    return {jax.tree_util.keystr(path, simple=True, separator="."): np.asarray(leaf)
-            for path, leaf in leaves if eqx.is_array(leaf)}
+    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in leaves}
+
+
+def flat_params(module: eqx.Module) -> dict[str, np.ndarray]:
+    """``{"bert.layers.qkv.weight": array, ...}`` for every array leaf of a jaxbert module (host numpy)."""
+    return {name: np.asarray(leaf) for name, leaf in _leaves(module).items() if eqx.is_array(leaf)}
 
 
 def from_flat(skeleton: eqx.Module, params: Mapping[str, np.ndarray]) -> eqx.Module:
-    """Fill a module skeleton (real or ``filter_eval_shape``) with arrays by name; shapes must match."""
+    """Fill a module skeleton (e.g. from ``eqx.filter_eval_shape``) with float32 arrays by name."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
     leaves = []
     for path, leaf in paths:
@@ -157,25 +162,55 @@ def from_flat(skeleton: eqx.Module, params: Mapping[str, np.ndarray]) -> eqx.Mod
         value = params[name]
         if tuple(value.shape) != tuple(leaf.shape):
             raise ValueError(f"parameter {name}: expected shape {tuple(leaf.shape)}, got {tuple(value.shape)}")
-        leaves.append(jax.numpy.asarray(value, dtype=np.float32))
+        leaves.append(jnp.asarray(value, dtype=jnp.float32))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _module_to_hf(ours: dict[str, np.ndarray], name: str, hf: str, kind: str, out: dict[str, np.ndarray],
+def skeleton(cfg: ModelConfig, num_labels: Optional[int] = None) -> BertForMLM | BertForClassification:
+    """The model's structure with shapes only (no initialisation cost)."""
+    key = jax.random.PRNGKey(0)
+    if num_labels is None:
+        return eqx.filter_eval_shape(BertForMLM, cfg, key=key)
+    return eqx.filter_eval_shape(BertForClassification, cfg, num_labels, key=key)
+
+
+# --- jaxbert -> HF ----------------------------------------------------------------------------------------------
+
+
+def _module_to_hf(ours: Mapping[str, Any], name: str, hf: str, kind: str, out: dict[str, Any],
                   index: Optional[int] = None) -> None:
     for our_leaf, hf_leaf, transpose in _LEAVES[kind]:
         value = ours[".".join(p for p in (name, our_leaf) if p)]
         value = value if index is None else value[index]
-        out[".".join(p for p in (hf, hf_leaf) if p)] = np.ascontiguousarray(value.T if transpose else value)
+        out[".".join(p for p in (hf, hf_leaf) if p)] = value.T if transpose else value
 
 
-def _module_from_hf(hf: "_Source", name: str, hf_name: str, kind: str, out: dict[str, np.ndarray]) -> None:
-    for our_leaf, hf_leaf, transpose in _LEAVES[kind]:
-        value = hf.take(".".join(p for p in (hf_name, hf_leaf) if p))
-        out[".".join(p for p in (name, our_leaf) if p)] = value.T if transpose else value
-
-
-# --- jaxbert -> HF ----------------------------------------------------------------------------------------------
+def _to_hf(ours: Mapping[str, Any], cfg: ModelConfig, classify: bool, pad_id: int, xp: Any) -> dict[str, Any]:
+    """The conversion, written once for numpy (``xp=np``) and for shape inference (``xp=jnp``)."""
+    layout = BERT if cfg.post_ln else PRELN
+    prefix = PREFIXES[layout]
+    out: dict[str, Any] = {}
+    for name, (hf, kind) in _EMBEDDINGS.items():
+        _module_to_hf(ours, "bert." + name, prefix + hf, kind, out)
+    if layout == PRELN:
+        table = out[prefix + "embeddings.position_embeddings.weight"]
+        pad_rows = xp.zeros((pad_id + 1, cfg.hidden), table.dtype)
+        out[prefix + "embeddings.position_embeddings.weight"] = xp.concatenate([pad_rows, table])
+        _module_to_hf(ours, "bert.final_norm", prefix + "LayerNorm", NORM, out)
+    for i in range(cfg.layers):
+        base = f"{prefix}encoder.layer.{i}."
+        for name, (hf, kind) in _LAYER[layout].items():
+            _module_to_hf(ours, "bert.layers." + name, base + hf, kind, out, index=i)
+        weights = xp.split(ours["bert.layers.qkv.weight"][i], 3, axis=1)
+        biases = xp.split(ours["bert.layers.qkv.bias"][i], 3)
+        for part, w, b in zip(_QKV, weights, biases):
+            out[f"{base}attention.self.{part}.weight"] = w.T
+            out[f"{base}attention.self.{part}.bias"] = b
+    _module_to_hf(ours, "bert.pooler", _POOLER[(layout, classify)], DENSE, out)
+    heads = _CLASSIFIER[layout] if classify else _MLM[layout]
+    for name, (hf, kind) in heads.items():
+        _module_to_hf(ours, name, hf, kind, out)
+    return out
 
 
 def model_to_hf_state(model: BertForMLM | BertForClassification, *, pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -184,33 +219,17 @@ def model_to_hf_state(model: BertForMLM | BertForClassification, *, pad_id: int 
     Post-LN models use the BERT layout, pre-LN ones RobertaPreLayerNorm (``pad_id`` sets the position shift).
     The MLM decoder is tied to the word embeddings and therefore not written.
     """
-    cfg = model.config
-    layout = BERT if cfg.post_ln else PRELN
     classify = isinstance(model, BertForClassification)
-    ours = flat_params(model)
-    prefix = PREFIXES[layout]
-    out: dict[str, np.ndarray] = {}
-    for name, (hf, kind) in _EMBEDDINGS.items():
-        _module_to_hf(ours, "bert." + name, prefix + hf, kind, out)
-    if layout == PRELN:
-        table = out[prefix + "embeddings.position_embeddings.weight"]
-        pad_rows = np.zeros((pad_id + 1, cfg.hidden), table.dtype)
-        out[prefix + "embeddings.position_embeddings.weight"] = np.concatenate([pad_rows, table])
-        _module_to_hf(ours, "bert.final_norm", prefix + "LayerNorm", NORM, out)
-    for i in range(cfg.layers):
-        base = f"{prefix}encoder.layer.{i}."
-        for name, (hf, kind) in _LAYER[layout].items():
-            _module_to_hf(ours, "bert.layers." + name, base + hf, kind, out, index=i)
-        weights = np.split(ours["bert.layers.qkv.weight"][i], 3, axis=1)
-        biases = np.split(ours["bert.layers.qkv.bias"][i], 3)
-        for part, w, b in zip(_QKV, weights, biases):
-            out[f"{base}attention.self.{part}.weight"] = np.ascontiguousarray(w.T)
-            out[f"{base}attention.self.{part}.bias"] = np.ascontiguousarray(b)
-    _module_to_hf(ours, "bert.pooler", _POOLER[(layout, classify)], DENSE, out)
-    heads = _CLASSIFIER[layout] if classify else _MLM[layout]
-    for name, (hf, kind) in heads.items():
-        _module_to_hf(ours, name, hf, kind, out)
-    return out
+    out = _to_hf(flat_params(model), model.config, classify, pad_id, np)
+    return {name: np.ascontiguousarray(value) for name, value in out.items()}
+
+
+def hf_shapes(model: BertForMLM | BertForClassification, *, pad_id: int = 0) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor :func:`model_to_hf_state` would write (works on a :func:`skeleton`)."""
+    classify = isinstance(model, BertForClassification)
+    ours = {k: v for k, v in _leaves(model).items() if hasattr(v, "shape")}
+    shapes = jax.eval_shape(lambda p: _to_hf(p, model.config, classify, pad_id, jnp), ours)
+    return {name: tuple(value.shape) for name, value in shapes.items()}
 
 
 # --- HF -> jaxbert ----------------------------------------------------------------------------------------------
@@ -252,6 +271,12 @@ class _Source:
         return sorted(k for k in self.tensors if k not in self.used and not k.endswith(_IGNORED))
 
 
+def _module_from_hf(src: _Source, name: str, hf_name: str, kind: str, out: dict[str, np.ndarray]) -> None:
+    for our_leaf, hf_leaf, transpose in _LEAVES[kind]:
+        value = src.take(".".join(p for p in (hf_name, hf_leaf) if p))
+        out[".".join(p for p in (name, our_leaf) if p)] = value.T if transpose else value
+
+
 def _encoder_from_hf(src: _Source, cfg: ModelConfig, layout: str, offset: int) -> dict[str, np.ndarray]:
     prefix = PREFIXES[layout]
     out: dict[str, np.ndarray] = {}
@@ -283,12 +308,16 @@ def _num_labels(src: _Source, layout: str) -> Optional[int]:
     return int(src.tensors[key].shape[0]) if src.has(key) else None
 
 
+def _fresh(module: eqx.Module, prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{name}" if name else prefix: value for name, value in flat_params(module).items()}
+
+
 def hf_state_to_model(state: Mapping[str, Any], hf_config: Mapping[str, Any], *,
                       key: Optional[PRNGKeyArray] = None) -> tuple[ModelConfig, BertForMLM | BertForClassification]:
     """A jaxbert model from an HF state dict (numpy or torch tensors) and its ``config.json`` dict.
 
     Returns a :class:`BertForClassification` when the state holds a classifier, else a :class:`BertForMLM`.
-    Parts the checkpoint lacks (MLM head, pooler) keep a fresh initialisation from ``key`` (default
+    Parts the checkpoint lacks (MLM head, pooler) get a fresh initialisation from ``key`` (default
     ``PRNGKey(0)``), with a warning. Raises ValueError naming the tensor on a missing tensor or a shape mismatch.
     """
     cfg = model_config_from_hf(hf_config)
@@ -296,31 +325,36 @@ def hf_state_to_model(state: Mapping[str, Any], hf_config: Mapping[str, Any], *,
     offset = position_offset(hf_config) if layout == PRELN else 0
     src = _Source(state, layout)
     num_labels = _num_labels(src, layout)
-    key = jax.random.PRNGKey(0) if key is None else key
-    if num_labels is None:
-        init: eqx.Module = BertForMLM(cfg, key=key)
-    else:
-        init = BertForClassification(cfg, num_labels, key=key)
-    params = flat_params(init)
-    src.expected = {k: v.shape for k, v in model_to_hf_state(init, pad_id=max(offset - 1, 0)).items()}
-    params.update(_encoder_from_hf(src, cfg, layout, offset))
+    k_pool, k_mlm = jax.random.split(jax.random.PRNGKey(0) if key is None else key)
+    shell = skeleton(cfg, num_labels)
+    src.expected = hf_shapes(shell, pad_id=max(offset - 1, 0))
+    params = _encoder_from_hf(src, cfg, layout, offset)
     pooler = _POOLER[(layout, num_labels is not None)]
     if src.has(pooler + ".weight"):
         _module_from_hf(src, "bert.pooler", pooler, DENSE, params)
     else:
         warnings.warn(f"weights: no '{pooler}' tensors; the pooler is freshly initialised", stacklevel=2)
+        params.update(_fresh(Dense(cfg.hidden, cfg.hidden, cfg.init_std, key=k_pool), "bert.pooler"))
     heads = _CLASSIFIER[layout] if num_labels is not None else _MLM[layout]
     if num_labels is not None or src.has(heads["mlm.bias"][0]):
         for name, (hf, kind) in heads.items():
             _module_from_hf(src, name, hf, kind, params)
     else:
         warnings.warn("weights: no MLM head in the checkpoint; the MLM head is freshly initialised", stacklevel=2)
+        params.update(_fresh(MLMHead(cfg, key=k_mlm), "mlm"))
     _check_tied_decoder(src, params, layout)
     unused = src.unused()
     if unused:
         warnings.warn(f"weights: {len(unused)} tensors not used: {', '.join(unused[:8])}"
                       + (" ..." if len(unused) > 8 else ""), stacklevel=2)
-    return cfg, from_flat(init, params)
+    return cfg, from_flat(shell, params)
+
+
+def with_mlm_head(model: BertForClassification, *, key: PRNGKeyArray) -> BertForMLM:
+    """A BertForMLM sharing ``model``'s encoder, with a freshly initialised MLM head."""
+    params = {k: v for k, v in flat_params(model).items() if k.startswith("bert.")}
+    params.update(_fresh(MLMHead(model.config, key=key), "mlm"))
+    return from_flat(skeleton(model.config), params)
 
 
 def _check_tied_decoder(src: _Source, params: dict[str, np.ndarray], layout: str) -> None:

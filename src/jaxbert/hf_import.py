@@ -1,0 +1,229 @@
+"""Import a HuggingFace BERT directory as a jaxbert checkpoint directory.
+
+Reads ``config.json``, the weights (``model.safetensors``, a sharded ``model.safetensors.index.json``, or
+``pytorch_model.bin`` when torch is installed) and the tokenizer (``tokenizer.json`` or ``vocab.txt``), and
+writes a directory :func:`jaxbert.checkpoint.load_pretrained` reads. A classification head, when present, is
+kept beside the model as ``classifier.safetensors`` + ``classifier.json`` (see :func:`load_classifier`), so
+finetuning can reuse it or replace it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PRNGKeyArray
+from safetensors import SafetensorError, deserialize, safe_open
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from . import config as config_lib
+from .config import Config, ModelConfig
+from .hf_convert import hf_state_to_model, model_config_from_hf, with_mlm_head
+from .model import BertForClassification, BertForMLM
+from .model.layers import Dense
+from .tokenizer import Tokenizer, load_tokenizer
+
+CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_META = "classifier.json"
+SOURCE_FILE = "hf_source.json"  # the imported config.json, kept for reference (labels, provenance)
+_SAFETENSORS, _INDEX, _TORCH = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                 "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+# --- reading an HF directory ------------------------------------------------------------------------------------
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"HF model directory '{directory}': no config.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as numpy arrays (bfloat16 is widened to float32)."""
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            names = list(handle.keys())
+            if all(handle.get_slice(n).get_dtype() in _NUMPY_DTYPES for n in names):
+                return {n: handle.get_tensor(n) for n in names}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    out = {}
+    for name, info in deserialize(path.read_bytes()):  # a dtype numpy lacks (bfloat16): decode it ourselves
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(info["data"], dtype=np.uint16).astype(np.uint32) << 16
+            out[name] = bits.view(np.float32).reshape(info["shape"])
+        elif info["dtype"] in _NUMPY_DTYPES:
+            out[name] = np.frombuffer(info["data"], dtype=_NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
+        else:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+    return out
+
+
+def _read_torch(path: Path) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{path}: reading pytorch_model.bin needs torch (pip install torch), "
+                         "or convert the weights to model.safetensors") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors come in many types
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor)")
+    return state
+
+
+def read_weights(directory: Path) -> dict[str, Any]:
+    """The state dict of an HF directory: model.safetensors, a sharded safetensors index, or pytorch_model.bin."""
+    if (directory / _SAFETENSORS).is_file():
+        return read_safetensors(directory / _SAFETENSORS)
+    if (directory / _INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((directory / _INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise ValueError(f"{directory / _INDEX}: expected a JSON object with a 'weight_map'") from None
+        state: dict[str, Any] = {}
+        for shard in shards:
+            if not (directory / shard).is_file():
+                raise FileNotFoundError(f"{directory / _INDEX}: shard '{shard}' is missing")
+            state.update(read_safetensors(directory / shard))
+        return state
+    if (directory / _TORCH).is_file():
+        return _read_torch(directory / _TORCH)
+    raise FileNotFoundError(f"HF model directory '{directory}': no weights "
+                            f"(expected {_SAFETENSORS}, {_INDEX} or {_TORCH})")
+
+
+def read_hf_tokenizer(directory: Path) -> Tokenizer:
+    """The tokenizer of an HF directory (tokenizer.json preferred; vocab.txt honours do_lower_case)."""
+    if not any((directory / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+        raise FileNotFoundError(f"HF model directory '{directory}': no tokenizer (expected tokenizer.json "
+                                "or vocab.txt)")
+    lowercase = True
+    settings = directory / "tokenizer_config.json"
+    if settings.is_file():
+        try:
+            lowercase = bool(json.loads(settings.read_text(encoding="utf-8")).get("do_lower_case", True))
+        except ValueError:
+            raise ValueError(f"{settings}: not valid JSON") from None
+    return load_tokenizer(directory, lowercase=lowercase)
+
+
+# --- writing the checkpoint -------------------------------------------------------------------------------------
+
+
+def check_target(out: Path) -> None:
+    """An output directory must not exist, or be empty: nothing is ever overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output '{out}' already exists and is not empty (choose a new directory)")
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary directory to ``out`` (an empty ``out`` is replaced)."""
+    check_target(out)  # again: something may have appeared meanwhile
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def run_config(model_cfg: ModelConfig, tokenizer: Tokenizer) -> Config:
+    """A full jaxbert Config around an imported model (base preset; lengths capped by max_positions)."""
+    base = config_lib.load("base")
+    seq_len = min(base.data.seq_len, model_cfg.max_positions)
+    return config_lib.replace(
+        base, model=model_cfg,
+        tokenizer={"vocab_size": tokenizer.vocab_size, "lowercase": _lowercase(tokenizer)},
+        data={"seq_len": seq_len, "max_predictions": min(base.data.max_predictions, seq_len)},
+        finetune={"max_len": min(base.finetune.max_len, model_cfg.max_positions)})
+
+
+def _lowercase(tokenizer: Tokenizer) -> bool:
+    return bool(getattr(tokenizer.inner.normalizer, "lowercase", True))
+
+
+def _write_classifier(directory: Path, classifier: Dense, hf_config: dict[str, Any]) -> None:
+    data = st_save({"weight": np.asarray(classifier.weight), "bias": np.asarray(classifier.bias)})
+    (directory / CLASSIFIER_FILE).write_bytes(data)
+    num_labels = int(classifier.bias.shape[0])
+    meta = {"num_labels": num_labels, "id2label": hf_config.get("id2label"),
+            "problem_type": hf_config.get("problem_type"), "sha256": hashlib.sha256(data).hexdigest()}
+    (directory / CLASSIFIER_META).write_text(json.dumps(meta, indent=1))
+
+
+def load_classifier(directory: str | Path) -> Optional[tuple[Dense, dict[str, Any]]]:
+    """The classification head kept beside a model directory (``(Dense, metadata)``), or None when there is none.
+
+    ``metadata`` holds ``num_labels`` and, for imported models, HF's ``id2label`` / ``problem_type``.
+    """
+    directory = Path(directory)
+    if not (directory / CLASSIFIER_META).is_file():
+        return None
+    meta = json.loads((directory / CLASSIFIER_META).read_text())
+    data = (directory / CLASSIFIER_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise ValueError(f"'{directory / CLASSIFIER_FILE}' is truncated or corrupt (checksum mismatch)")
+    tensors = st_load(data)
+    hidden, labels = tensors["weight"].shape
+    head = Dense(hidden, labels, 0.0, key=jax.random.PRNGKey(0))
+    head = eqx.tree_at(lambda d: (d.weight, d.bias), head, (jnp.asarray(tensors["weight"]),
+                                                             jnp.asarray(tensors["bias"])))
+    return head, meta
+
+
+def import_hf(source: str | Path, out: str | Path, *, key: Optional[PRNGKeyArray] = None) -> Path:
+    """Convert the HF BERT directory ``source`` into a jaxbert model directory ``out`` (written atomically).
+
+    Returns ``out``. Raises FileNotFoundError / ValueError naming the file or tensor on bad input.
+    """
+    from .checkpoint import save_model
+
+    source, out = Path(source), Path(out)
+    if not source.is_dir():
+        raise FileNotFoundError(f"HF model directory '{source}' does not exist")
+    check_target(out)
+    hf_config = read_hf_config(source)
+    model_config_from_hf(hf_config, str(source / "config.json"))  # fail on the config before reading weights
+    tokenizer = read_hf_tokenizer(source)
+    state = read_weights(source)
+    cfg, model = hf_state_to_model(state, hf_config, key=key)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.source}: {tokenizer.vocab_size} tokens, but the word embedding "
+                         f"matrix has {cfg.vocab_size} rows")
+    mlm, classifier = model, None
+    if isinstance(model, BertForClassification):
+        warnings.warn("weights: a classification model has no MLM head; the MLM head is freshly initialised",
+                      stacklevel=2)
+        mlm = with_mlm_head(model, key=jax.random.fold_in(jax.random.PRNGKey(0) if key is None else key, 1))
+        classifier = model.classifier
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(tmp, run_config(cfg, tokenizer), mlm, tokenizer)
+        if classifier is not None:
+            _write_classifier(tmp, classifier, hf_config)
+        (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()), "config": hf_config}, indent=1))
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
