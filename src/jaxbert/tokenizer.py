@@ -1,0 +1,337 @@
+"""WordPiece tokenizer: train from scratch, load (tokenizer.json or a published BERT vocab.txt), save.
+
+A thin wrapper around a HuggingFace ``tokenizers.Tokenizer`` (the Rust library does the work, on all cores).
+Special tokens are looked up by name, never assumed: :class:`SpecialIds` carries their ids. A trained
+tokenizer has ``[PAD] [UNK] [CLS] [SEP] [MASK]`` at ids 0..4 and a vocabulary size that is a multiple of 64.
+
+CLI::
+
+    jaxbert tokenizer train [--config tiny] [key=value ...] --out DIR
+    jaxbert tokenizer encode DIR "some text"
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from .config import TokenizerConfig
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+VOCAB_MULTIPLE = 64  # embedding rows are kept a multiple of this (fast matmuls on accelerators)
+_TRAIN_BATCH = 1000  # documents handed to the Rust trainer at a time
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the special tokens. Every consumer takes them from here instead of assuming 0..4."""
+
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
+
+class PairEncoding(NamedTuple):
+    """``[CLS] a [SEP] (b [SEP])`` ids with segment ids 0 for the first part and 1 for ``b``."""
+
+    input_ids: list[int]
+    segment_ids: list[int]
+
+
+class Tokenizer:
+    """A WordPiece tokenizer with BERT's special tokens. ``.inner`` is the HuggingFace object."""
+
+    def __init__(self, inner: tokenizers.Tokenizer, source: str = "<memory>"):
+        inner.no_truncation()  # published tokenizer.json files often carry truncation/padding settings
+        inner.no_padding()
+        self._inner = inner
+        self.source = source
+        missing = [t for t in SPECIAL_TOKENS if inner.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer {source}: special token(s) {', '.join(missing)} not in the vocabulary")
+        self.special = SpecialIds(*(int(inner.token_to_id(t)) for t in SPECIAL_TOKENS))
+
+    @property
+    def inner(self) -> tokenizers.Tokenizer:
+        return self._inner
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._inner.get_vocab_size(with_added_tokens=True))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return self._inner.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts at once (multi-threaded in Rust), without special tokens."""
+        return [e.ids for e in self._inner.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def encode_pair(self, a: str, b: Optional[str] = None, max_len: Optional[int] = None) -> PairEncoding:
+        """``[CLS] a [SEP] b [SEP]`` (or ``[CLS] a [SEP]``), truncated longest-first to ``max_len`` tokens."""
+        return self.encode_pairs([a], None if b is None else [b], max_len)[0]
+
+    def encode_pairs(self, a: Sequence[str], b: Optional[Sequence[str]] = None,
+                     max_len: Optional[int] = None) -> list[PairEncoding]:
+        """Batched :meth:`encode_pair`; ``b`` is None for single-sentence tasks."""
+        first = self.encode_batch(a)
+        second = self.encode_batch(b) if b is not None else [None] * len(first)
+        if b is not None and len(first) != len(second):
+            raise ValueError(f"encode_pairs: {len(first)} first texts but {len(second)} second texts")
+        return [self._build_pair(x, y, max_len) for x, y in zip(first, second)]
+
+    def _build_pair(self, a: list[int], b: Optional[list[int]], max_len: Optional[int]) -> PairEncoding:
+        cls, sep = self.special.cls, self.special.sep
+        if max_len is not None:
+            budget = max_len - (3 if b is not None else 2)
+            if budget < 0:
+                raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
+            a, b = _truncate_longest_first(a, b, budget)
+        ids = [cls, *a, sep]
+        segments = [0] * len(ids)
+        if b is not None:
+            ids += [*b, sep]
+            segments += [1] * (len(b) + 1)
+        return PairEncoding(ids, segments)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._inner.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> Optional[str]:
+        return self._inner.id_to_token(int(token_id))
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._inner.token_to_id(token)
+
+    def vocab(self) -> list[str]:
+        """All tokens in id order (ids are dense 0..vocab_size-1)."""
+        table = self._inner.get_vocab(with_added_tokens=True)
+        tokens = [""] * len(table)
+        for token, index in table.items():
+            if index >= len(tokens):
+                raise ValueError(f"tokenizer {self.source}: ids are not dense (id {index} >= {len(tokens)})")
+            tokens[index] = token
+        return tokens
+
+    def vocab_hash(self) -> str:
+        """A short hash of the id -> token mapping: equal hashes mean the same ids for the same tokens."""
+        digest = hashlib.sha256("\n".join(self.vocab()).encode("utf-8")).hexdigest()
+        return digest[:16]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` and ``vocab.txt`` (each atomically) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / "tokenizer.json", self._inner.to_str(pretty=True))
+        _write_atomic(directory / "vocab.txt", "".join(t + "\n" for t in self.vocab()))
+        return directory
+
+
+def _truncate_longest_first(a: list[int], b: Optional[list[int]], budget: int) -> tuple[list[int], Optional[list[int]]]:
+    """Drop tokens from the end of the longer sequence until both fit in ``budget`` (as HF's longest_first)."""
+    if b is None:
+        return a[:budget], None
+    keep_a, keep_b = len(a), len(b)
+    while keep_a + keep_b > budget:
+        if keep_a > keep_b:
+            keep_a -= 1
+        else:
+            keep_b -= 1
+    return a[:keep_a], b[:keep_b]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _bert_pipeline(tok: tokenizers.Tokenizer, lowercase: bool) -> tokenizers.Tokenizer:
+    """BERT's normalizer, pre-tokenizer, decoder and ``[CLS] A [SEP] B [SEP]`` template on ``tok``."""
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _set_template(tok: tokenizers.Tokenizer) -> None:
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+
+
+def _wordpiece(vocab: dict[str, int]) -> models.WordPiece:
+    return models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100)
+
+
+def from_vocab_file(path: str | Path, lowercase: bool = True) -> Tokenizer:
+    """A BertWordPiece tokenizer from a published ``vocab.txt`` (one token per line, line number = id)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"vocabulary file {path}: not UTF-8 text (expected one token per line)") from None
+    vocab: dict[str, int] = {}
+    for index, line in enumerate(lines):  # id = line number, as in BERT's own loader
+        vocab.setdefault(line.rstrip("\r"), index)
+    if len(vocab) != len(lines):
+        raise ValueError(f"vocabulary file {path}: {len(lines) - len(vocab)} duplicate line(s)")
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"vocabulary file {path}: special token(s) {', '.join(missing)} missing")
+    tok = _bert_pipeline(tokenizers.Tokenizer(_wordpiece(vocab)), lowercase)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    _set_template(tok)
+    return Tokenizer(tok, source=str(path))
+
+
+def load_tokenizer(path: str | Path, lowercase: bool = True) -> Tokenizer:
+    """Load a ``tokenizer.json``, a ``vocab.txt``, or a directory holding either (tokenizer.json preferred).
+
+    ``lowercase`` only applies to a bare vocab.txt (a tokenizer.json carries its own normalizer).
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "vocab.txt"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name, lowercase)
+        raise FileNotFoundError(f"tokenizer directory {path}: holds neither tokenizer.json nor vocab.txt")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path}: no such file or directory")
+    if path.suffix == ".txt":
+        return from_vocab_file(path, lowercase)
+    try:
+        inner = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises a bare Exception on malformed JSON
+        raise ValueError(f"tokenizer file {path}: not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
+    return Tokenizer(inner, source=str(path))
+
+
+def round_vocab_size(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def _batched(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _pad_vocab(tok: tokenizers.Tokenizer, target: int) -> None:
+    """Append ``[unusedN]`` tokens until the model's vocabulary has ``target`` entries (they never match text:
+    BertPreTokenizer splits ``[`` off as punctuation)."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    n = 0
+    while len(vocab) < target:
+        name = f"[unused{n}]"
+        if name not in vocab:
+            vocab[name] = len(vocab)
+        n += 1
+    tok.model = _wordpiece(vocab)
+
+
+def train_tokenizer(documents: Iterable[str], cfg: TokenizerConfig, progress: bool = True,
+                    length: Optional[int] = None) -> Tokenizer:
+    """Train a BERT WordPiece tokenizer on a stream of documents (never held in memory at once).
+
+    Specials ``[PAD] [UNK] [CLS] [SEP] [MASK]`` get ids 0..4; the vocabulary size is ``cfg.vocab_size`` rounded
+    up to a multiple of 64 (padded with ``[unusedN]`` when the corpus is too small to fill it). ``length`` is a
+    document-count hint for the progress bar (default: ``len(documents)`` or ``cfg.max_documents``).
+    """
+    target = round_vocab_size(cfg.vocab_size)
+    tok = _bert_pipeline(tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##",
+                                                                max_input_chars_per_word=100)), cfg.lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=target, min_frequency=cfg.min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), show_progress=progress,
+                                        continuing_subword_prefix="##")
+    if length is None:
+        length = len(documents) if hasattr(documents, "__len__") else cfg.max_documents  # type: ignore[arg-type]
+    if cfg.max_documents is not None:
+        documents = _take(documents, cfg.max_documents)
+        length = min(length, cfg.max_documents) if length is not None else cfg.max_documents
+    tok.train_from_iterator(_batched(documents, _TRAIN_BATCH), trainer=trainer, length=length)
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size <= len(SPECIAL_TOKENS):
+        raise ValueError("tokenizer training: the corpus produced no tokens (is it empty?)")
+    if size != target:
+        if size > target:  # the trainer may overshoot by the alphabet; round up instead of cutting tokens
+            target = round_vocab_size(size)
+        _pad_vocab(tok, target)
+    _set_template(tok)
+    return Tokenizer(tok, source="trained")
+
+
+def _take(items: Iterable[str], n: int) -> Iterator[str]:
+    for i, item in enumerate(items):
+        if i >= n:
+            return
+        yield item
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from . import config as config_module
+    from .data.corpus import iter_documents
+
+    cfg = config_module.from_args(args)
+    out = Path(args.out)
+    print(f"training a WordPiece tokenizer (vocab {round_vocab_size(cfg.tokenizer.vocab_size)}) "
+          f"on {cfg.data.source}")
+    tok = train_tokenizer(iter_documents(cfg.data), cfg.tokenizer, progress=not args.quiet)
+    tok.save(out)
+    print(f"saved {tok.vocab_size} tokens (vocab hash {tok.vocab_hash()}) to {out}/tokenizer.json and vocab.txt")
+    return 0
+
+
+def _encode_command(args: argparse.Namespace) -> int:
+    tok = load_tokenizer(args.tokenizer, lowercase=not args.cased)
+    ids = tok.encode(args.text)
+    print(json.dumps({"ids": ids, "tokens": [tok.id_to_token(i) for i in ids], "decoded": tok.decode(ids)},
+                     ensure_ascii=False))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="jaxbert tokenizer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="train a WordPiece tokenizer on the configured corpus (data.source)")
+    add_config_arguments(train, default_preset="base")
+    train.add_argument("--out", required=True, help="directory to write tokenizer.json and vocab.txt into")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode = sub.add_parser("encode", help="show the tokens of a text")
+    encode.add_argument("tokenizer", help="tokenizer.json, vocab.txt or a directory holding one")
+    encode.add_argument("text")
+    encode.add_argument("--cased", action="store_true", help="no lowercasing (only for a bare vocab.txt)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    return _train_command(args) if args.action == "train" else _encode_command(args)
