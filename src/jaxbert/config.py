@@ -119,6 +119,19 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "fp32"
     out_dir: str = "runs/finetune"
+    attention_dropout: float = 0.1  # dropout on attention probabilities while finetuning (BERT's recipe)
+    clip_norm: float = 1.0  # global gradient-norm clipping (0 disables)
+    eval_batch_size: int = 128  # rows per evaluation batch
+    max_train_examples: Optional[int] = None  # finetune on a seeded random subset of N training rows
+    max_eval_examples: Optional[int] = None  # evaluate on the first N rows of each dev split
+    run_name: Optional[str] = None  # default: <task>-<timestamp>
+    train_file: Optional[str] = None  # local tsv/csv/jsonl/parquet file replacing the task's train split
+    dev_file: Optional[str] = None  # ... replacing its (first) dev split
+    test_file: Optional[str] = None  # ... replacing its (first) test split
+    text_a: Optional[str] = None  # column mapping for local files: first text
+    text_b: Optional[str] = None  # second text (pair tasks)
+    label_column: Optional[str] = None  # label / score column
+    index_column: Optional[str] = None  # example id column of test files (default: row number)
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,7 @@ class ImplConfig:
     workers: int = 0  # tokenizer threads for preparation (0: all cores)
     encode_batch: int = 1000  # documents per encode batch during preparation
     log_every: int = 10  # steps between console/JSONL metric fetches
+    pad_multiple: int = 32  # GLUE batches are padded to a multiple of this length (bounds recompilation)
 
 
 @dataclass(frozen=True)
@@ -195,6 +209,12 @@ def validate(cfg: Config) -> Config:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     _check(f.max_len <= m.max_positions, "finetune.max_len", f"exceeds model.max_positions={m.max_positions}")
     _check(0.0 <= f.dropout < 1.0, "finetune.dropout", "must be in [0, 1)")
+    _check(0.0 <= f.attention_dropout < 1.0, "finetune.attention_dropout", "must be in [0, 1)")
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
+        _check(getattr(f, name) > 0, f"finetune.{name}", f"must be positive, got {getattr(f, name)}")
+    _check(f.lr > 0, "finetune.lr", "must be positive")
+    _check(0.0 <= f.warmup_fraction <= 1.0, "finetune.warmup_fraction", "must be in [0, 1]")
+    _check(i.pad_multiple > 0, "impl.pad_multiple", "must be positive")
     _check(i.attention in ("auto", "xla", "cudnn"), "impl.attention", f"expected auto|xla|cudnn, got {i.attention!r}")
     return cfg
 

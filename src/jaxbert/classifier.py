@@ -1,0 +1,168 @@
+"""Classification models for finetuning: where they start from, and how a finetuned one is saved and loaded.
+
+A finetune starts from one of:
+
+* ``random`` (or no ``--init``): a freshly initialised encoder for the config's model, with the tokenizer named
+  by ``tokenizer.path`` (for tests and baselines);
+* a pretrained model (a run dir, checkpoint dir or exported model dir, as read by
+  :func:`jaxbert.checkpoint.load_pretrained`; also what ``jaxbert import-hf`` writes): its encoder, a new head;
+* a finetuned model written by :func:`save_classifier` (``<finetune run>/best``): encoder and head, whose label
+  count must match the task.
+
+A finetuned directory holds ``config.yaml``, ``model.safetensors`` (BertForClassification tensors by name),
+``tokenizer/`` and ``finetuned.json`` (task, labels, epoch, dev metrics); it is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from . import config as config_lib
+from .config import Config
+from .data.glue import Task
+from .model import BertForClassification, BertModel, with_config
+from .tokenizer import Tokenizer, load_tokenizer
+
+MARK = "finetuned.json"
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a finetune starts from; ``encoder`` None means a random encoder drawn from the run's seed."""
+
+    cfg: Config  # the run config with the model section of the init (dropout from finetune.*)
+    tokenizer: Tokenizer
+    encoder: Optional[BertModel] = None
+    classifier: Optional[BertForClassification] = None  # a finetuned model: its head is kept
+    source: str = "random"
+
+
+def finetune_model_config(cfg: Config, model_cfg: Any, vocab_size: int) -> Config:
+    """``cfg`` with ``model_cfg`` as its model section, the tokenizer's vocab size and finetuning dropout."""
+    f = cfg.finetune
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size, dropout=f.dropout,
+                                    attention_dropout=f.attention_dropout)
+    return config_lib.replace(cfg, model=model_cfg)
+
+
+def _tokenizer_for(cfg: Config, init: str, bundled: Optional[Path]) -> Tokenizer:
+    """The init's own tokenizer; a ``tokenizer.path`` given as well must have the same vocabulary."""
+    bundled = bundled if bundled is not None and bundled.exists() else None
+    if cfg.tokenizer.path is None and bundled is None:
+        raise ValueError(f"init '{init}' has no tokenizer/ directory; name one with tokenizer.path=")
+    tokenizer = load_tokenizer(cfg.tokenizer.path or bundled)  # type: ignore[arg-type]
+    if cfg.tokenizer.path is not None and bundled is not None:
+        own = load_tokenizer(bundled)
+        if own.vocab_hash() != tokenizer.vocab_hash():
+            raise ValueError(f"tokenizer.path={cfg.tokenizer.path} has a different vocabulary "
+                             f"({tokenizer.vocab_size} tokens) from the one init '{init}' was trained with "
+                             f"({own.vocab_size} tokens, {bundled})")
+    return tokenizer
+
+
+def _check_vocab(tokenizer: Tokenizer, vocab_size: int, init: str) -> None:
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"init '{init}' has an embedding of {vocab_size} tokens but its tokenizer "
+                         f"({tokenizer.source}) has {tokenizer.vocab_size}: they do not belong together")
+
+
+def prepare_start(cfg: Config, init: Optional[str], task: Task) -> Start:
+    """Resolve ``--init`` (None / "random" / pretrained / finetuned) into a :class:`Start`."""
+    if init in (None, "", "random"):
+        if cfg.tokenizer.path is None:
+            raise ValueError("a randomly initialised model needs a tokenizer: pass tokenizer.path=DIR|FILE")
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+        return Start(finetune_model_config(cfg, cfg.model, tokenizer.vocab_size), tokenizer)
+    path = Path(init)
+    if not path.exists():
+        raise FileNotFoundError(f"init '{init}' does not exist (expected a run, checkpoint or model directory)")
+    if (path / MARK).is_file():
+        saved, model, _, meta = load_classifier(path)
+        if model.num_labels != task.num_labels:
+            raise ValueError(f"init '{init}' has a head of {model.num_labels} outputs (finetuned on "
+                             f"{meta.get('task')}), task {task.name} needs {task.num_labels}")
+        tokenizer = _tokenizer_for(cfg, init, path / "tokenizer")
+        _check_vocab(tokenizer, saved.model.vocab_size, init)
+        run_cfg = finetune_model_config(cfg, saved.model, saved.model.vocab_size)
+        model = eqx.tree_at(lambda m: m.bert, model, with_config(model.bert, "", run_cfg.model))
+        return Start(run_cfg, tokenizer, classifier=model, source=str(path))
+    from .checkpoint import load_pretrained
+
+    saved, mlm, tokenizer_path = load_pretrained(path)
+    tokenizer = _tokenizer_for(cfg, init, Path(tokenizer_path))
+    _check_vocab(tokenizer, saved.model.vocab_size, init)
+    run_cfg = finetune_model_config(cfg, saved.model, saved.model.vocab_size)
+    return Start(run_cfg, tokenizer, encoder=with_config(mlm.bert, "", run_cfg.model), source=str(path))
+
+
+def build_classifier(start: Start, task: Task, key: jax.Array) -> BertForClassification:
+    """The model to finetune: the start's classifier, or its (or a random) encoder with a new head from ``key``."""
+    if start.classifier is not None:
+        return start.classifier
+    return BertForClassification(start.cfg.model, task.num_labels, key=key, bert=start.encoder)
+
+
+# ----------------------------------------------------------------------------------------- save / load
+
+
+def _named(module: Any) -> dict[str, np.ndarray]:
+    named = jax.tree_util.tree_flatten_with_path(module)[0]
+    return {".".join(k.name for k in path): np.asarray(leaf) for path, leaf in named}
+
+
+def save_classifier(directory: str | Path, cfg: Config, model: BertForClassification, tokenizer: Tokenizer,
+                    meta: dict[str, Any]) -> Path:
+    """Write a finetuned model (weights, config, tokenizer, ``finetuned.json``) into ``directory``, atomically."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        config_lib.save(cfg, tmp)
+        save_file(_named(model), str(tmp / WEIGHTS), metadata={"format": "jaxbert-classifier"})
+        tokenizer.save(tmp / "tokenizer")
+        (tmp / MARK).write_text(json.dumps({**meta, "num_labels": model.num_labels}, indent=1))
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_classifier(directory: str | Path) -> tuple[Config, BertForClassification, Tokenizer, dict[str, Any]]:
+    """(config, model, tokenizer, metadata) of a directory written by :func:`save_classifier`."""
+    directory = Path(directory)
+    if not (directory / MARK).is_file():
+        raise FileNotFoundError(f"'{directory}' is not a finetuned model (no {MARK})")
+    meta = json.loads((directory / MARK).read_text())
+    cfg = config_lib.load_saved(directory)
+    tensors = load_file(str(directory / WEIGHTS))
+    skeleton = eqx.filter_eval_shape(BertForClassification, cfg.model, int(meta["num_labels"]),
+                                     key=jax.random.PRNGKey(0))
+    named, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
+    leaves = []
+    for path, leaf in named:
+        name = ".".join(k.name for k in path)
+        if name not in tensors or tensors[name].shape != leaf.shape:
+            raise ValueError(f"'{directory / WEIGHTS}': tensor '{name}' is missing or has the wrong shape")
+        leaves.append(jnp.asarray(tensors[name], leaf.dtype))
+    model = jax.tree_util.tree_unflatten(treedef, leaves)
+    return cfg, model, load_tokenizer(directory / "tokenizer"), meta

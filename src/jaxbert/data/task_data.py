@@ -1,0 +1,90 @@
+"""A task's splits as a finetune run sees them: read (per ``finetune.*`` settings), subsampled, encoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..config import Config
+from .glue import Columns, SplitData, Task, has_split, missing_reason, read_split
+from .pairs import Encoded, PairTokenizer, encode_split
+
+
+@dataclass(frozen=True)
+class TaskData:
+    task: Task
+    train: Optional[Encoded]
+    dev: dict[str, Encoded] = field(default_factory=dict)  # dev split -> labelled examples
+    test: dict[str, tuple[list[str], Encoded]] = field(default_factory=dict)  # test split -> (index, examples)
+
+
+def columns_of(cfg: Config) -> Columns:
+    f = cfg.finetune
+    return Columns(f.text_a, f.text_b, f.label_column, f.index_column)
+
+
+def _read(cfg: Config, task: Task, split: str, file: Optional[str]) -> SplitData:
+    return read_split(task, split, cfg.finetune.glue_dir, file=file, columns=columns_of(cfg))
+
+
+def _subsample(data: SplitData, limit: Optional[int], seed: int) -> SplitData:
+    if limit is None or limit >= len(data):
+        return data
+    rows = np.sort(np.random.default_rng(seed).permutation(len(data))[:limit])
+    return data.take(rows)
+
+
+def _describe(data: SplitData, enc: Encoded, tokenizer: PairTokenizer) -> str:
+    lengths = enc.lengths
+    text = f"{data.split}: {len(data)} examples from {data.source}, tokens mean {lengths.mean():.1f} max {lengths.max()}"
+    truncated = int(np.sum(lengths >= enc.max_len))
+    return text + (f", {truncated} truncated to {enc.max_len}" if truncated else "")
+
+
+def _sample(enc: Encoded, tokenizer: PairTokenizer) -> Optional[str]:
+    decode = getattr(tokenizer, "decode", None)
+    if decode is None or len(enc) == 0:
+        return None
+    return decode(enc.ids[enc.offsets[0]:enc.offsets[1]].tolist(), skip_special_tokens=False)
+
+
+def load_task_data(cfg: Config, task: Task, tokenizer: PairTokenizer, *, need_train: bool = True,
+                   echo: Callable[[str], None] = print) -> TaskData:
+    """Read and encode the train, dev and test splits of ``task``.
+
+    Missing train (when ``need_train``) or missing every dev split is an error; missing test splits are
+    reported and skipped. ``finetune.{train,dev,test}_file`` replace the task's first split of each kind.
+    """
+    f = cfg.finetune
+    encode = lambda d: encode_split(d, tokenizer, f.max_len)  # noqa: E731
+    train = None
+    if need_train:
+        data = _subsample(_read(cfg, task, "train", f.train_file), f.max_train_examples, f.seed)
+        train = encode(data)
+        echo(f"{task.name} {_describe(data, train, tokenizer)}")
+        sample = _sample(train, tokenizer)
+        if sample is not None:
+            echo(f"{task.name} first train example: {sample[:300]}")
+    dev: dict[str, Encoded] = {}
+    for position, split in enumerate(task.dev_splits):
+        file = f.dev_file if position == 0 else None
+        if file is None and not has_split(task, split, f.glue_dir):
+            echo(f"{task.name}: {missing_reason(task, split, f.glue_dir)}; not evaluated")
+            continue
+        data = _read(cfg, task, split, file)
+        data = data.take(np.arange(min(len(data), f.max_eval_examples or len(data))))
+        dev[split] = encode(data)
+        echo(f"{task.name} {_describe(data, dev[split], tokenizer)}")
+    if need_train and not dev:
+        raise FileNotFoundError(f"task {task.name}: no dev split found in {f.glue_dir} (pass finetune.dev_file=)")
+    test: dict[str, tuple[list[str], Encoded]] = {}
+    for position, split in enumerate(task.test_splits):
+        file = f.test_file if position == 0 else None
+        if file is None and not has_split(task, split, f.glue_dir):
+            echo(f"{task.name}: {missing_reason(task, split, f.glue_dir)}; no {task.submission_name(split)} predictions")
+            continue
+        data = _read(cfg, task, split, file)
+        test[split] = (data.index, encode(data))
+    return TaskData(task, train, dev, test)

@@ -1,0 +1,351 @@
+"""``jaxbert finetune``: finetune a classifier on one GLUE task, evaluate on dev every epoch, keep the best.
+
+Recipe: AdamW (betas 0.9/0.999, eps 1e-6, weight decay on weight matrices and embeddings only, global-norm
+clipping), learning rate warmed up linearly then decayed linearly to zero, dropout ``finetune.dropout`` (hidden)
+and ``finetune.attention_dropout``. A run directory ``<finetune.out_dir>/<run_name>`` receives::
+
+    config.yaml        the resolved config
+    metrics.jsonl      one line per log interval and per dev evaluation
+    best/              the best model by the task's score on dev (a finetuned-model dir, see jaxbert.classifier)
+    predictions/       <GLUE name>.tsv for every test split found (index, prediction), from the best model
+    results.json       best epoch, dev metrics, task score
+
+Speed: one compiled step per padded batch length (a few lengths, see ``impl.pad_multiple``), the learning
+rate is a step input (no recompile between runs of a sweep), and the loss is fetched from the device only every
+``impl.log_every`` steps. ``--sweep`` runs a grid of batch sizes x learning rates x seeds (see jaxbert.sweep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from . import config as config_lib
+from .classifier import Start, build_classifier, prepare_start, save_classifier
+from .config import Config
+from .data.glue import Task, get_task
+from .data.pairs import Batch, Encoded, eval_batches, steps_per_epoch, train_batches
+from .data.task_data import TaskData, load_task_data
+from .metrics import compute, task_score
+from .model import BertForClassification
+from .optim import one_cycle, set_learning_rate
+from .precision import LossScale, Policy, all_finite
+
+Log = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on dense weights and embedding tables; not on biases or LayerNorm scales."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].name not in ("bias", "scale"), params)
+
+
+@functools.lru_cache(maxsize=None)
+def make_optimizer(weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW with an injectable learning rate. Cached: equal settings give the same
+    object, so the compiled step is shared by every run of a sweep."""
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=_decay_mask)
+    return optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(), adamw)
+
+
+def _device_batch(batch: Batch) -> tuple[np.ndarray, ...]:
+    return batch.input_ids, batch.segment_ids, batch.mask, batch.labels, batch.weights
+
+
+def batch_loss(model: BertForClassification, batch: tuple, key: Optional[jax.Array], policy: Policy,
+               attention: str) -> jax.Array:
+    """Mean cross-entropy (or squared error for a 1-output regression head) over rows of weight 1."""
+    ids, segments, mask, labels, weights = batch
+    out = model(ids, segments, mask, key=key, policy=policy, attention=attention)
+    if model.num_labels == 1:
+        per_row = jnp.square(out[:, 0] - labels.astype(jnp.float32))
+    else:
+        per_row = optax.softmax_cross_entropy_with_integer_labels(out, labels)
+    per_row = jnp.where(weights > 0, per_row, 0.0)
+    return per_row.sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+@eqx.filter_jit
+def train_step(model: BertForClassification, opt_state: Any, scale: LossScale, batch: tuple, lr: jax.Array,
+               step: jax.Array, key: jax.Array, *, optimizer: optax.GradientTransformation, policy: Policy,
+               attention: str) -> tuple[BertForClassification, Any, LossScale, jax.Array]:
+    """One optimizer step; pure: ``(model, opt_state, scale, batch, lr, step, key) -> (model, opt_state, scale,
+    loss)``. Dropout uses ``fold_in(key, step)``. With fp16 a non-finite step is skipped (dynamic loss scale)."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def scaled(p: Any) -> tuple[jax.Array, jax.Array]:
+        loss = batch_loss(eqx.combine(p, static), batch, jax.random.fold_in(key, step), policy, attention)
+        return scale.scale_loss(loss), loss
+
+    (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(params)
+    grads = scale.unscale(grads)
+    updates, new_opt = optimizer.update(grads, set_learning_rate(opt_state, lr), params)
+    new_params = optax.apply_updates(params, updates)
+    if scale.dynamic:
+        finite = all_finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_params, new_opt, scale = keep(new_params, params), keep(new_opt, opt_state), scale.update(finite)
+    return eqx.combine(new_params, static), new_opt, scale, loss
+
+
+@eqx.filter_jit
+def predict_step(model: BertForClassification, ids: jax.Array, segments: jax.Array, mask: jax.Array, *,
+                 policy: Policy, attention: str) -> jax.Array:
+    return model(ids, segments, mask, policy=policy, attention=attention)
+
+
+def predict(model: BertForClassification, enc: Encoded, batch_size: int, pad_multiple: int, policy: Policy,
+            attention: str) -> np.ndarray:
+    """float32 head outputs ``(n, num_labels)`` in example order; one transfer from the device at the end."""
+    rows, outputs = [], []
+    for batch in eval_batches(enc, batch_size, pad_multiple):
+        outputs.append(predict_step(model, batch.input_ids, batch.segment_ids, batch.mask, policy=policy,
+                                    attention=attention))
+        rows.append(batch.rows)
+    result = np.zeros((len(enc), model.num_labels), np.float32)
+    for r, out in zip(rows, jax.device_get(outputs)):
+        real = r >= 0
+        result[r[real]] = out[real]
+    return result
+
+
+def decide(task: Task, outputs: np.ndarray) -> np.ndarray:
+    """Class ids (argmax) or regression scores from head outputs."""
+    return outputs[:, 0] if task.regression else outputs.argmax(-1)
+
+
+def evaluate(model: BertForClassification, task: Task, dev: dict[str, Encoded], cfg: Config,
+             policy: Policy) -> dict[str, dict[str, float]]:
+    """``{dev split: {metric: value}}``."""
+    results = {}
+    for split, enc in dev.items():
+        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.impl.pad_multiple, policy, cfg.impl.attention)
+        results[split] = compute(task.metrics, decide(task, outputs), enc.labels)
+    return results
+
+
+def prediction_strings(task: Task, outputs: np.ndarray) -> list[str]:
+    """Predictions as the GLUE server expects them: label strings, or STS-B scores clipped to [0, 5]."""
+    if task.regression:
+        return [f"{v:.3f}" for v in np.clip(outputs[:, 0], 0.0, 5.0)]
+    return [task.labels[i] for i in outputs.argmax(-1)]
+
+
+def write_predictions(path: Path, index: Sequence[str], predictions: Sequence[str]) -> Path:
+    """``index<TAB>prediction`` rows under a header, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in zip(index, predictions)))
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class FinetuneResult:
+    task: str
+    run_dir: Path
+    best_epoch: int  # 1-based
+    score: float  # the task score (mean of metrics over dev splits) of the best epoch
+    dev: dict[str, dict[str, float]]  # metrics of the best epoch
+    model: Any = field(repr=False)  # the best model
+    predictions: dict[str, Path] = field(default_factory=dict)  # GLUE submission name -> tsv
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    dev_sizes: dict[str, int] = field(default_factory=dict)  # examples per dev split
+    cfg: Optional[Config] = field(default=None, repr=False)  # the run's config
+    tokenizer: Any = field(default=None, repr=False)
+
+
+class JsonlLog:
+    """Appends metric records to ``metrics.jsonl`` (and forwards them to a tracker when one is given)."""
+
+    def __init__(self, path: Path, tracker: Any = None):
+        self.path, self.tracker = path, tracker
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record, step=record.get("step"))
+
+
+def _run_dir(cfg: Config, task: Task) -> Path:
+    name = cfg.finetune.run_name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.finetune.out_dir) / name
+
+
+def _train_epoch(state: dict[str, Any], data: TaskData, epoch: int, bar: Any, log: JsonlLog,
+                 env: dict[str, Any]) -> None:
+    """One pass over the training set; ``state`` holds model, opt_state, scale, step (updated in place)."""
+    cfg, pending = env["cfg"], []
+    for batch in train_batches(data.train, cfg.finetune.batch_size, cfg.impl.pad_multiple, cfg.finetune.seed,
+                               epoch):
+        lr = env["lrs"][min(state["step"], len(env["lrs"]) - 1)]
+        state["model"], state["opt_state"], state["scale"], loss = train_step(
+            state["model"], state["opt_state"], state["scale"], _device_batch(batch), lr,
+            np.int32(state["step"]), env["key"], optimizer=env["optimizer"], policy=env["policy"],
+            attention=cfg.impl.attention)
+        state["step"] += 1
+        pending.append(loss)
+        bar.update(1)
+        if len(pending) >= cfg.impl.log_every:
+            mean = float(np.mean(jax.device_get(pending)))
+            pending = []
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+            log.write({"step": state["step"], "epoch": epoch + 1, "train_loss": mean, "lr": float(lr)})
+
+
+def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, tracker: Any = None,
+        save: bool = True, echo: Log = print) -> FinetuneResult:
+    """Finetune ``start`` on ``data`` with ``cfg`` (a config as returned in ``start.cfg``)."""
+    task, f = data.task, cfg.finetune
+    if data.train is None:
+        raise ValueError(f"task {task.name} has no training data")
+    run_dir = _run_dir(cfg, task)
+    config_lib.save(cfg, run_dir)
+    log = JsonlLog(run_dir / "metrics.jsonl", tracker)
+    k_head, k_train = jax.random.split(jax.random.PRNGKey(f.seed))
+    policy = Policy.from_name(f.precision)
+    model = build_classifier(dataclasses.replace(start, cfg=cfg), task, k_head)
+    optimizer = make_optimizer(f.weight_decay, f.clip_norm)
+    per_epoch = steps_per_epoch(len(data.train), f.batch_size)
+    total = per_epoch * f.epochs
+    lrs = np.asarray(one_cycle(f.lr, f.warmup_fraction, 0.0)(np.arange(total) / total), np.float32)
+    state = {"model": model, "opt_state": optimizer.init(eqx.filter(model, eqx.is_inexact_array)), "step": 0,
+             "scale": LossScale.create(dynamic=policy.needs_loss_scaling)}
+    env = {"cfg": cfg, "lrs": lrs, "key": k_train, "optimizer": optimizer, "policy": policy}
+    echo(f"{task.name}: {len(data.train)} train examples, {f.epochs} epoch(s) of {per_epoch} steps, batch "
+         f"{f.batch_size}, lr {f.lr:g}, {f.precision}; run dir {run_dir}")
+    best: Optional[FinetuneResult] = None
+    history = []
+    with tqdm(total=total, desc=task.name, disable=not progress, dynamic_ncols=True) as bar:
+        for epoch in range(f.epochs):
+            started = time.time()
+            _train_epoch(state, data, epoch, bar, log, env)
+            dev = evaluate(state["model"], task, data.dev, cfg, policy)
+            score = task_score(dev)
+            record = {"step": state["step"], "epoch": epoch + 1, "score": score, "epoch_seconds": time.time() - started,
+                      **{f"{split}/{m}": v for split, ms in dev.items() for m, v in ms.items()}}
+            log.write(record)
+            history.append(record)
+            bar.write(f"{task.name} epoch {epoch + 1}: " + _describe(dev) + f"  score {100 * score:.2f}")
+            if best is None or score > best.score:
+                best = FinetuneResult(task.name, run_dir, epoch + 1, score, dev, state["model"])
+                if save:
+                    save_classifier(run_dir / "best", cfg, best.model, start.tokenizer,
+                                    {"task": task.name, "labels": list(task.labels), "epoch": epoch + 1,
+                                     "score": score, "dev": dev, "init": start.source})
+    assert best is not None
+    best.history, best.cfg, best.tokenizer = history, cfg, start.tokenizer
+    best.dev_sizes = {split: len(enc) for split, enc in data.dev.items()}
+    best.predictions = predict_tests(best.model, task, data, cfg, run_dir / "predictions", echo)
+    _write_results(run_dir, best)
+    return best
+
+
+def _describe(dev: dict[str, dict[str, float]]) -> str:
+    return "  ".join(f"{split} " + " ".join(f"{m} {100 * v:.2f}" for m, v in ms.items()) for split, ms in dev.items())
+
+
+def predict_tests(model: BertForClassification, task: Task, data: TaskData, cfg: Config, folder: Path,
+                  echo: Log) -> dict[str, Path]:
+    """Write ``<GLUE name>.tsv`` for every test split of ``data``; returns name -> path."""
+    written = {}
+    policy = Policy.from_name(cfg.finetune.precision)
+    for split, (index, enc) in data.test.items():
+        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.impl.pad_multiple, policy, cfg.impl.attention)
+        name = task.submission_name(split)
+        written[name] = write_predictions(folder / f"{name}.tsv", index, prediction_strings(task, outputs))
+        echo(f"{task.name}: wrote {len(index)} {split} predictions to {written[name]}")
+    return written
+
+
+def _write_results(run_dir: Path, result: FinetuneResult) -> None:
+    summary = {"task": result.task, "best_epoch": result.best_epoch, "score": result.score, "dev": result.dev,
+               "predictions": {k: str(v) for k, v in result.predictions.items()}, "history": result.history}
+    tmp = run_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(run_dir / "results.json")
+
+
+def make_tracker(cfg: Config, run_dir_name: str, echo: Log) -> Any:
+    """A Weights & Biases tracker from jaxbert.tracking when enabled and available, else None (JSONL only)."""
+    if not cfg.tracking.wandb:
+        return None
+    try:
+        from . import tracking  # type: ignore[attr-defined]
+    except ImportError:
+        echo("tracking.wandb=true but jaxbert.tracking is not available: logging to metrics.jsonl only")
+        return None
+    return tracking.make_tracker(cfg, run_dir_name)  # type: ignore[attr-defined]
+
+
+def finetune(cfg: Config, init: Optional[str] = None, *, progress: bool = True, echo: Log = print) -> FinetuneResult:
+    """Load the init and the task's data, then :func:`run`."""
+    task = get_task(cfg.finetune.task)
+    if task.predicted_by is not None:
+        raise ValueError(f"task {task.name} has no training data; it is predicted by the {task.predicted_by} "
+                         f"model (jaxbert glue does this)")
+    start = prepare_start(cfg, init, task)
+    data = load_task_data(start.cfg, task, start.tokenizer, echo=echo)
+    tracker = make_tracker(start.cfg, _run_dir(start.cfg, task).name, echo)
+    return run(start.cfg, start, data, progress=progress, tracker=tracker, echo=echo)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", default=None, help="pretrained run/checkpoint/model dir, a finetuned model dir, "
+                        "or 'random' (needs tokenizer.path=); default random")
+    parser.add_argument("--glue-dir", default=None, help="GLUE data: a directory in the GLUE layout, or 'hf' "
+                        "(HuggingFace hub); sets finetune.glue_dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_lib.add_config_arguments(parser, default_preset="base")
+
+
+def overrides_from(args: argparse.Namespace, **extra: Optional[str]) -> list[str]:
+    out = [f"finetune.glue_dir={args.glue_dir}"] if args.glue_dir else []
+    out += [f"finetune.{k}={v}" for k, v in extra.items() if v is not None]
+    return out + list(args.overrides)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxbert finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default=None, help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
+    add_common_arguments(parser)
+    parser.add_argument("--sweep", action="store_true", help="grid of batch sizes x lrs x seeds (Turc et al.)")
+    parser.add_argument("--batch-sizes", default=None, help="sweep batch sizes, comma-separated (8,16,32,64,128)")
+    parser.add_argument("--lrs", default=None, help="sweep learning rates, comma-separated (3e-4,1e-4,5e-5,3e-5)")
+    parser.add_argument("--seeds", type=int, default=None, help="sweep seeds per grid point (default 1)")
+    args = parser.parse_args(argv)
+    cfg = config_lib.load(args.config, overrides_from(args, task=args.task))
+    if args.sweep:
+        from .sweep import sweep_main
+
+        return sweep_main(cfg, args)
+    if args.batch_sizes or args.lrs or args.seeds:
+        parser.error("--batch-sizes, --lrs and --seeds need --sweep")
+    result = finetune(cfg, args.init, progress=not args.no_progress)
+    print(f"{result.task}: best epoch {result.best_epoch}, score {100 * result.score:.2f} ({_describe(result.dev)});"
+          f" model in {result.run_dir / 'best'}")
+    return 0
