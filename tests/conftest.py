@@ -27,4 +27,5 @@ def tiny_config():
     from jaxbert import config
 
     return config.load("tiny", ["model.hidden=32", "model.heads=2", "model.ffn=64", "model.vocab_size=128",
-                                "model.max_positions=64", "data.seq_len=32", "data.max_predictions=6"])
+                                "model.max_positions=64", "data.seq_len=32", "data.max_predictions=6",
+                                "finetune.max_len=64"])

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ..config import ModelConfig
 from ..precision import Policy
 from .bert import BertModel
-from .layers import Dense, LayerNorm, activation, dropout
+from .layers import Dense, LayerNorm, activation, cpu_half_workaround, dropout
 
 
 class MLMHead(eqx.Module):
@@ -30,7 +30,8 @@ class MLMHead(eqx.Module):
     def __call__(self, hidden: Array, token_embedding: Array, act: str) -> Float[Array, "... vocab"]:
         """float32 logits for every vector in ``hidden`` (``(..., hidden)``)."""
         h = self.norm(activation(self.transform(hidden), act))
-        logits = jnp.dot(h, token_embedding.astype(h.dtype).T, preferred_element_type=jnp.float32)
+        h, table = cpu_half_workaround(h, token_embedding.astype(h.dtype))
+        logits = jnp.dot(h, table.T, preferred_element_type=jnp.float32)
         return logits + self.bias
 
 

@@ -29,6 +29,13 @@ def dropout(x: Array, rate: float, key: Optional[PRNGKeyArray]) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def cpu_half_workaround(*xs: Array) -> tuple[Array, ...]:
+    """XLA:CPU has no fp16 x fp16 -> fp32 dot; upcast fp16 operands there (GPU keeps fp16)."""
+    if xs[0].dtype == jnp.float16 and jax.default_backend() == "cpu":
+        return tuple(x.astype(jnp.float32) for x in xs)
+    return xs
+
+
 def activation(x: Array, name: str) -> Array:
     return jax.nn.gelu(x, approximate=(name == "gelu_tanh"))
 
@@ -100,20 +107,24 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], 
     if implementation == "auto":
         on_gpu = jax.default_backend() == "gpu"
         implementation = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    dtype = q.dtype
+    q, k, v = cpu_half_workaround(q, k, v)
     if implementation == "cudnn":
         lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     bias_mask = None if mask is None else mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="xla").astype(dtype)
 
 
 def _attention_with_dropout(q: Array, k: Array, v: Array, mask: Optional[Array], rate: float,
                             key: PRNGKeyArray) -> Array:
+    dtype = v.dtype
+    q, k, v = cpu_half_workaround(q, k, v)
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
-    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v).astype(dtype)
 
 
 class EncoderLayer(eqx.Module):

@@ -1,0 +1,84 @@
+"""Config loading: presets, overrides, one-line errors naming the key, round trip through the saved YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from jaxbert import config
+from jaxbert.config import ConfigError
+
+SIZES = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768)}
+
+
+@pytest.mark.parametrize("name", config.list_presets())
+def test_every_shipped_preset_loads_and_is_frozen(name):
+    cfg = config.load(name)
+    assert cfg.preset == name
+    assert cfg.model.hidden % cfg.model.heads == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.hidden = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name, shape", SIZES.items())
+def test_standard_sizes(name, shape):
+    m = config.load(name).model
+    assert (m.layers, m.hidden) == shape
+    assert m.heads == m.hidden // 64 and m.ffn == 4 * m.hidden
+    assert config.load(name).data.seq_len == 128
+
+
+def test_overrides_apply_with_types():
+    cfg = config.load("small", ["train.peak_lr=1e-3", "model.post_ln=true", "train.budget_minutes=2.5"])
+    assert cfg.train.peak_lr == 1e-3 and cfg.model.post_ln is True and cfg.train.budget_minutes == 2.5
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.heads=5"], "model.heads"),  # does not divide 768
+    (["data.seq_len=1024"], "data.seq_len"),  # above max positions
+    (["model.nope=1"], "model.nope"),  # unknown key
+    (["nope.x=1"], "nope"),  # unknown section
+    (["model.hidden=abc"], "model.hidden"),  # wrong type
+    (["train.precision=fp8"], "train.precision"),
+    (["train.batch_end=100"], "train.batch_end"),  # not a multiple of micro_batch
+    (["impl.attention=flash"], "impl.attention"),
+    (["data.max_predictions=0"], "data.max_predictions"),
+])
+def test_bad_values_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        config.load("base", override)
+    message = str(info.value)
+    assert f"'{key}'" in message and "\n" not in message
+
+
+def test_override_without_equals_and_unknown_preset():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        config.load("base", ["train.peak_lr"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        config.load("huge")
+
+
+def test_yaml_file_with_bad_key(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("model:\n  hidden: 64\n  heads: 3\n")
+    with pytest.raises(ConfigError, match="'model.heads'"):
+        config.load(str(path))
+    path.write_text("model:\n  hiddn: 64\n")
+    with pytest.raises(ConfigError, match="hiddn"):
+        config.load(str(path))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = config.load("mini", ["train.peak_lr=3e-4", "tokenizer.path=/x/vocab.txt"])
+    written = config.save(cfg, tmp_path / "run")
+    assert written.read_text().startswith("preset: mini")
+    assert config.load_saved(tmp_path / "run") == cfg
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_replace_validates():
+    cfg = config.load("tiny")
+    assert config.replace(cfg, model={"layers": 3}).model.layers == 3
+    with pytest.raises(ConfigError, match="model.heads"):
+        config.replace(cfg, model={"heads": 3})

@@ -1,0 +1,172 @@
+"""Model behaviour: parameter count, padding invariance (outputs and gradients), jit == no-jit,
+scan == unrolled, bf16 close to fp32, dropout keyed, heads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbert import config
+from jaxbert.model import BertForClassification, BertForMLM, BertModel, count_parameters, with_config
+from jaxbert.precision import Policy
+
+
+@eqx.filter_jit
+def run(module, *args, **kwargs):
+    """Call a module under jit (tests stay fast; test_jit_equals_no_jit covers the eager path)."""
+    return module(*args, **kwargs)
+
+
+def _batch(cfg, batch=3, seq=12, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(5, cfg.model.vocab_size, (batch, seq)), jnp.int32)
+    seg = jnp.asarray((np.arange(seq)[None] >= seq // 2).repeat(batch, 0), jnp.int32)
+    return ids, seg
+
+
+@pytest.mark.parametrize("post_ln", [False, True])
+def test_base_parameter_count_is_bert_base(post_ln):
+    cfg = config.load("base", ["model.vocab_size=30522", f"model.post_ln={post_ln}"])
+    model = eqx.filter_eval_shape(BertModel, cfg.model, key=jax.random.PRNGKey(0))
+    n = count_parameters(model)
+    assert abs(n - 110e6) / 110e6 < 0.01
+    # BERT-base (HF BertModel, pooler included) has 109,482,240; pre-LN adds one final LayerNorm (2 x 768).
+    assert n == 109_482_240 + (0 if post_ln else 2 * 768)
+
+
+@pytest.mark.parametrize("post_ln", [False, True])
+def test_padding_changes_neither_outputs_nor_gradients(tiny_config, post_ln):
+    cfg = config.replace(tiny_config, model={"post_ln": post_ln})
+    model = BertForMLM(cfg.model, key=jax.random.PRNGKey(1))
+    ids, seg = _batch(cfg, seq=10)
+    pad = 6
+    ids_p = jnp.concatenate([ids, jnp.full((ids.shape[0], pad), 7, jnp.int32)], 1)  # padding id is arbitrary
+    seg_p = jnp.concatenate([seg, jnp.zeros((ids.shape[0], pad), jnp.int32)], 1)
+    mask_p = jnp.arange(ids_p.shape[1])[None] < ids.shape[1]
+    mask_p = jnp.broadcast_to(mask_p, ids_p.shape)
+
+    def loss(m, i, s, mask):
+        h = m.bert(i, s, mask, attention="xla")[:, : ids.shape[1]]
+        return jnp.sum(jnp.sin(h.astype(jnp.float32)))
+
+    short = run(model.bert, ids, seg, None, attention="xla")
+    padded = run(model.bert, ids_p, seg_p, mask_p, attention="xla")[:, : ids.shape[1]]
+    np.testing.assert_allclose(np.asarray(short), np.asarray(padded), atol=1e-5)
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    g_short = grad(model, ids, seg, None)
+    g_pad = grad(model, ids_p, seg_p, mask_p)
+    for a, b in zip(jax.tree.leaves(g_short), jax.tree.leaves(g_pad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # Without the mask the padded positions do leak into real ones: the test would catch a mask being ignored.
+    unmasked = run(model.bert, ids_p, seg_p, None, attention="xla")[:, : ids.shape[1]]
+    assert not np.allclose(np.asarray(short), np.asarray(unmasked), atol=1e-3)
+
+
+def test_jit_equals_no_jit(tiny_config):
+    model = BertForMLM(tiny_config.model, key=jax.random.PRNGKey(2))
+    ids, seg = _batch(tiny_config)
+    eager = model(ids, seg)
+    jitted = eqx.filter_jit(lambda m, i, s: m(i, s))(model, ids, seg)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("post_ln", [False, True])
+def test_scan_equals_unrolled(tiny_config, post_ln):
+    cfg = config.replace(tiny_config, model={"post_ln": post_ln, "layers": 3})
+    bert = BertModel(cfg.model, key=jax.random.PRNGKey(3))
+    ids, seg = _batch(cfg)
+    mask = jnp.ones(ids.shape, bool).at[0, -3:].set(False)
+    scanned = run(bert, ids, seg, mask)
+    unrolled = eqx.filter_jit(lambda b: b.unrolled(ids, seg, mask))(bert)
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=1e-5, atol=1e-5)
+    # Remat recomputes in the backward pass but computes the same function.
+    np.testing.assert_allclose(np.asarray(run(bert, ids, seg, mask, remat=True)), np.asarray(scanned),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_layers_are_distinct_and_stacked(tiny_config):
+    bert = BertModel(tiny_config.model, key=jax.random.PRNGKey(4))
+    w = bert.layers.qkv.weight
+    assert w.shape == (tiny_config.model.layers, tiny_config.model.hidden, 3 * tiny_config.model.hidden)
+    assert not np.allclose(np.asarray(w[0]), np.asarray(w[1]))
+
+
+@pytest.mark.parametrize("name, tol", [("bf16", 0.08), ("fp16", 0.01)])
+def test_half_precision_close_to_fp32(tiny_config, name, tol):
+    model = BertForMLM(tiny_config.model, key=jax.random.PRNGKey(5))
+    ids, seg = _batch(tiny_config)
+    ref = run(model.bert, ids, seg)
+    low = run(model.bert, ids, seg, policy=Policy.from_name(name))
+    assert low.dtype == Policy.from_name(name).compute_dtype
+    # Hidden states are LayerNorm outputs of order 1: bf16 keeps ~3 significant digits, fp16 ~4.
+    assert float(jnp.max(jnp.abs(low.astype(jnp.float32) - ref))) < tol
+    logits = run(model, ids, seg, policy=Policy.from_name(name))
+    assert logits.dtype == jnp.float32  # logits always in float32
+
+
+def test_sparse_positions_match_dense_logits(tiny_config):
+    model = BertForMLM(tiny_config.model, key=jax.random.PRNGKey(6))
+    ids, seg = _batch(tiny_config)
+    positions = jnp.array([[0, 3, 5], [1, 1, 11], [2, 4, 6]], jnp.int32)
+    dense = run(model, ids, seg)
+    sparse = run(model, ids, seg, positions=positions)
+    expected = jnp.take_along_axis(dense, positions[..., None], axis=1)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_mlm_decoder_is_tied_to_token_embedding(tiny_config):
+    model = BertForMLM(tiny_config.model, key=jax.random.PRNGKey(7))
+    ids, seg = _batch(tiny_config)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: jnp.sum(m(ids, seg)[..., 9])))(model)
+    # Row 9 of the embedding receives gradient through the tied decoder although id 9 may not be in the input.
+    assert float(jnp.abs(grads.bert.embeddings.token[9]).sum()) > 0
+
+
+def test_dropout_needs_a_key_and_is_reproducible(tiny_config):
+    cfg = config.replace(tiny_config, model={"dropout": 0.3, "attention_dropout": 0.2})
+    model = BertForMLM(cfg.model, key=jax.random.PRNGKey(8))
+    ids, seg = _batch(cfg)
+    deterministic = run(model, ids, seg)
+    np.testing.assert_array_equal(np.asarray(deterministic), np.asarray(run(model, ids, seg)))
+    a = run(model, ids, seg, key=jax.random.PRNGKey(1))
+    b = run(model, ids, seg, key=jax.random.PRNGKey(1))
+    c = run(model, ids, seg, key=jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+    assert not np.allclose(np.asarray(a), np.asarray(deterministic))
+
+
+def test_with_config_swaps_dropout_and_keeps_weights(tiny_config):
+    model = BertForClassification(tiny_config.model, 3, key=jax.random.PRNGKey(9))
+    new_cfg = dataclasses.replace(tiny_config.model, dropout=0.1)
+    swapped = with_config(model, "bert", new_cfg)
+    assert swapped.config.dropout == 0.1
+    for a, b in zip(jax.tree.leaves(eqx.filter(model, eqx.is_array)), jax.tree.leaves(eqx.filter(swapped, eqx.is_array))):
+        assert a is b
+    with pytest.raises(ValueError, match="model.hidden"):
+        with_config(model, "bert", dataclasses.replace(tiny_config.model, hidden=64))
+
+
+def test_classifier_outputs_and_regression(tiny_config):
+    ids, seg = _batch(tiny_config)
+    mask = jnp.ones(ids.shape, bool)
+    cls = BertForClassification(tiny_config.model, 3, key=jax.random.PRNGKey(10))
+    assert run(cls, ids, seg, mask).shape == (3, 3)
+    reg = BertForClassification(tiny_config.model, 1, key=jax.random.PRNGKey(10))
+    out = run(reg, ids, seg, mask, policy=Policy.from_name("bf16"))
+    assert out.shape == (3, 1) and out.dtype == jnp.float32
+
+
+def test_segment_and_position_embeddings_matter(tiny_config):
+    bert = BertModel(tiny_config.model, key=jax.random.PRNGKey(11))
+    ids, seg = _batch(tiny_config)
+    base = run(bert, ids, seg)
+    assert not np.allclose(np.asarray(base), np.asarray(run(bert, ids, jnp.zeros_like(seg))))
+    # Reversing the sequence changes outputs beyond a permutation: positions are encoded.
+    rev = run(bert, ids[:, ::-1], seg[:, ::-1])[:, ::-1]
+    assert not np.allclose(np.asarray(base), np.asarray(rev), atol=1e-3)
