@@ -1,0 +1,339 @@
+"""Documents -> token ids -> flat memmap token streams on disk (``jaxbert prepare``).
+
+Layout of a prepared dataset, ``<data.cache_dir>/<hash>/``::
+
+    train.bin        token ids of the training documents, [SEP] after each document (uint16, or uint32
+    validation.bin   when the vocabulary exceeds 65536); validation: a held-out fraction of documents
+    meta.json        dtype, token/document counts, vocabulary hash and size, special ids, source, config
+    tokenizer.json   the tokenizer that produced the ids (and vocab.txt): the directory is self-contained
+    vocab.txt
+
+``<hash>`` covers the resolved data and tokenizer settings that change the token stream plus the vocabulary
+hash, so a rerun with the same settings reuses the directory. It is written under a temporary name and
+renamed when complete: an interrupted run leaves nothing that looks complete (and its leftovers are removed by
+the next run). Memory stays bounded: documents are read in a background thread (overlapping decompression and
+parsing with encoding), encoded in batches of ``impl.encode_batch`` by the multi-threaded Rust tokenizer and
+appended to the files; the corpus is never held whole.
+
+Validation documents are chosen by a hash of the document's index in the stream (splitmix64): a fixed,
+deterministic fraction ``data.val_fraction``, independent of batch sizes and worker counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..config import Config
+from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .corpus import iter_documents
+from .loader import Prefetcher, TokenStream
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+# DataConfig fields that change the token stream (seq_len, masking and cache_dir do not)
+_STREAM_FIELDS = ("source", "format", "text_column", "hf_config", "hf_split", "min_doc_chars", "max_documents",
+                  "val_fraction")
+
+
+class DatasetMismatchError(ValueError):
+    """A prepared dataset and a tokenizer disagree on the vocabulary."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _resolved_source(source: str) -> str:
+    if source == "demo" or source.startswith("hf:"):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
+def stream_settings(cfg: Config) -> dict[str, Any]:
+    """The settings that determine the token stream (besides the vocabulary itself)."""
+    data = {name: getattr(cfg.data, name) for name in _STREAM_FIELDS}
+    data["source"] = _resolved_source(cfg.data.source)
+    tokenizer = dataclasses.asdict(cfg.tokenizer)
+    if tokenizer["path"] is not None:
+        tokenizer["path"] = str(Path(tokenizer["path"]).expanduser().resolve())
+    return {"version": FORMAT_VERSION, "data": data, "tokenizer": tokenizer}
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_validation(indices: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic per-document split: splitmix64(index) / 2**64 < fraction."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(indices, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def resolve_tokenizer(cfg: Config, progress: bool = True) -> Tokenizer:
+    """The configured tokenizer (tokenizer.path), or one trained on the corpus and cached under
+    ``<cache_dir>/tokenizers/<hash>/`` (reused by later runs with the same settings)."""
+    if cfg.tokenizer.path is not None:
+        return load_tokenizer(cfg.tokenizer.path, lowercase=cfg.tokenizer.lowercase)
+    settings = stream_settings(cfg)
+    settings["data"].pop("val_fraction")
+    folder = Path(cfg.data.cache_dir) / "tokenizers" / settings_hash(settings)
+    if (folder / "tokenizer.json").is_file():
+        print(f"reusing the tokenizer trained for these settings: {folder}")
+        return load_tokenizer(folder)
+    print(f"training a WordPiece tokenizer (vocab {cfg.tokenizer.vocab_size}) on {cfg.data.source}")
+    tokenizer = train_tokenizer(iter_documents(cfg.data, workers=cfg.impl.workers or None), cfg.tokenizer,
+                                progress=progress)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tokenizer.save(tmp)
+    _publish(tmp, folder)
+    print(f"saved the tokenizer ({tokenizer.vocab_size} tokens) to {folder}")
+    return load_tokenizer(folder)
+
+
+# ------------------------------------------------------------------------------------------ preparation
+
+
+def dataset_dir(cfg: Config, tokenizer: Tokenizer) -> Path:
+    settings = stream_settings(cfg)
+    settings["vocab_hash"] = tokenizer.vocab_hash()
+    return Path(cfg.data.cache_dir) / settings_hash(settings)
+
+
+def prepare(cfg: Config, tokenizer: Optional[Tokenizer] = None, progress: bool = True) -> Path:
+    """Tokenize the configured corpus into ``<cache_dir>/<hash>/`` (or reuse it) and return that directory."""
+    tokenizer = tokenizer or resolve_tokenizer(cfg, progress)
+    final = dataset_dir(cfg, tokenizer)
+    if (final / "meta.json").is_file():
+        print(f"reusing prepared data: {final}")
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(final)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        started = time.time()
+        stats = write_streams(cfg, tokenizer, tmp, progress)
+        tokenizer.save(tmp)
+        meta = _meta(cfg, tokenizer, stats, time.time() - started)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks the directory complete
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = ", ".join(f"{s} {stats[s]['tokens']:,} tokens / {stats[s]['documents']:,} docs" for s in SPLITS)
+    print(f"prepared {final}: {counts} ({meta['seconds']:.1f} s)")
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():  # not a concurrent run finishing first: a real failure
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove temporary directories of earlier runs for the same hash whose process is gone."""
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _batched(documents: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@contextlib.contextmanager
+def _threads(workers: int) -> Iterator[None]:
+    """Limit the tokenizer's threads: 1 disables its parallelism; n > 1 sizes its pool when not yet started."""
+    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    if workers == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    elif workers > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _Writer:
+    """Appends documents (each followed by the separator) to one split's file."""
+
+    def __init__(self, path: Path, dtype: np.dtype, sep: int):
+        self.handle = open(path, "wb")
+        self.dtype, self.sep = dtype, sep
+        self.tokens = self.documents = 0
+
+    def write(self, docs: list[list[int]]) -> None:
+        if not docs:
+            return
+        flat: list[int] = []
+        for ids in docs:
+            flat.extend(ids)
+            flat.append(self.sep)
+        self.handle.write(np.asarray(flat, dtype=self.dtype).tobytes())
+        self.tokens += len(flat)
+        self.documents += len(docs)
+
+    def close(self) -> dict[str, Any]:
+        self.handle.close()
+        return {"file": Path(self.handle.name).name, "tokens": self.tokens, "documents": self.documents}
+
+
+def write_streams(cfg: Config, tokenizer: Tokenizer, out: Path, progress: bool = True,
+                  documents: Optional[Iterator[str]] = None) -> dict[str, dict[str, Any]]:
+    """Encode the corpus (or ``documents``) into ``out/train.bin`` and ``out/validation.bin``; return counts."""
+    from tqdm.auto import tqdm
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _Writer(out / f"{s}.bin", dtype, tokenizer.special.sep) for s in SPLITS}
+    docs = documents if documents is not None else iter_documents(cfg.data, workers=cfg.impl.workers or None)
+    reader = Prefetcher(_batched(docs, cfg.impl.encode_batch), depth=4)
+    bar = tqdm(total=cfg.data.max_documents, unit="docs", desc="prepare", disable=not progress, smoothing=0.1)
+    index = 0
+    try:
+        with _threads(cfg.impl.workers):
+            for batch in reader:
+                encodings = tokenizer.inner.encode_batch_fast(batch, add_special_tokens=False)
+                val = is_validation(np.arange(index, index + len(batch)), cfg.data.val_fraction)
+                ids = [e.ids for e in encodings]
+                writers["train"].write([x for x, v in zip(ids, val) if not v])
+                writers["validation"].write([x for x, v in zip(ids, val) if v])
+                index += len(batch)
+                bar.update(len(batch))
+                bar.set_postfix(tokens=f"{writers['train'].tokens + writers['validation'].tokens:,}", refresh=False)
+    finally:
+        reader.close()
+        bar.close()
+        stats = {s: w.close() for s, w in writers.items()}
+    return stats
+
+
+def _meta(cfg: Config, tokenizer: Tokenizer, stats: dict[str, Any], seconds: float) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "splits": stats,
+        "tokens": sum(s["tokens"] for s in stats.values()),
+        "documents": sum(s["documents"] for s in stats.values()),
+        "separator": tokenizer.special.sep,
+        "vocab_size": tokenizer.vocab_size,
+        "vocab_hash": tokenizer.vocab_hash(),
+        "special_ids": dataclasses.asdict(tokenizer.special),
+        "source": cfg.data.source,
+        "settings": stream_settings(cfg),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    path: Path
+    meta: dict[str, Any]
+    train: TokenStream
+    validation: TokenStream
+    tokenizer: Tokenizer
+
+
+def check_compatible(meta: dict[str, Any], tokenizer: Tokenizer, where: str = "prepared data") -> None:
+    """Raise DatasetMismatchError when the token ids on disk were not produced by this tokenizer's vocabulary."""
+    if meta.get("vocab_hash") != tokenizer.vocab_hash() or meta.get("vocab_size") != tokenizer.vocab_size:
+        raise DatasetMismatchError(
+            f"{where}: made with a different vocabulary (hash {meta.get('vocab_hash')}, size {meta.get('vocab_size')}) "
+            f"than the tokenizer {tokenizer.source} (hash {tokenizer.vocab_hash()}, size {tokenizer.vocab_size}); "
+            f"re-run `jaxbert prepare` with this tokenizer")
+
+
+def open_dataset(path: str | Path, tokenizer: Optional[Tokenizer] = None,
+                 log: Optional[Callable[[str], None]] = print) -> PreparedData:
+    """Open a prepared directory: meta, read-only memmaps of both splits and its tokenizer (or ``tokenizer``,
+    checked for compatibility). Logs one decoded sample."""
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path}: not a prepared dataset (no meta.json); run `jaxbert prepare`")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}; "
+                         f"re-run `jaxbert prepare`")
+    tokenizer = tokenizer or load_tokenizer(path)
+    check_compatible(meta, tokenizer, where=str(path))
+    streams = {s: TokenStream(path / meta["splits"][s]["file"], meta["dtype"]) for s in SPLITS}
+    for split, stream in streams.items():
+        if len(stream) != meta["splits"][split]["tokens"]:
+            raise ValueError(f"{stream.path}: {len(stream)} tokens, meta.json says {meta['splits'][split]['tokens']}")
+    data = PreparedData(path, meta, streams["train"], streams["validation"], tokenizer)
+    if log is not None:
+        sample = np.asarray(data.train.tokens[:64])
+        log(f"data {path}: train {len(data.train):,} tokens, validation {len(data.validation):,} tokens; "
+            f"sample: {tokenizer.decode(sample, skip_special_tokens=False)!r}")
+    return data
+
+
+def load_prepared(cfg: Config, progress: bool = True, log: Optional[Callable[[str], None]] = print) -> PreparedData:
+    """``open_dataset(prepare(cfg))``: prepare once (or reuse), then open."""
+    return open_dataset(prepare(cfg, progress=progress), log=log)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..config import add_config_arguments, from_args
+
+    parser = argparse.ArgumentParser(prog="jaxbert prepare", description="Tokenize a corpus into a memmap token "
+                                     "stream (train.bin, validation.bin, meta.json) under data.cache_dir.")
+    add_config_arguments(parser, default_preset="base")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    cfg = from_args(args)
+    path = prepare(cfg, progress=not args.quiet)
+    open_dataset(path)
+    print(path)
+    return 0
