@@ -43,6 +43,7 @@ from .metrics import compute, task_score
 from .model import BertForClassification
 from .optim import one_cycle, set_learning_rate
 from .precision import LossScale, Policy, all_finite
+from .tracking import JsonlTracker, Trackers, WandbTracker
 
 Log = Callable[[str], None]
 
@@ -174,18 +175,12 @@ class FinetuneResult:
     tokenizer: Any = field(default=None, repr=False)
 
 
-class JsonlLog:
-    """Appends metric records to ``metrics.jsonl`` (and forwards them to a tracker when one is given)."""
-
-    def __init__(self, path: Path, tracker: Any = None):
-        self.path, self.tracker = path, tracker
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.tracker is not None:
-            self.tracker.log(record, step=record.get("step"))
+def make_tracker(cfg: Config, run_dir: Path) -> Trackers:
+    """metrics.jsonl in the run dir (unless tracking.jsonl=false) and Weights & Biases when tracking.wandb=true."""
+    trackers: list = [JsonlTracker(run_dir / "metrics.jsonl")] if cfg.tracking.jsonl else []
+    if cfg.tracking.wandb:
+        trackers.append(WandbTracker(cfg, run_dir, f"{run_dir.parent.name}-{run_dir.name}"))
+    return Trackers(trackers)
 
 
 def _run_dir(cfg: Config, task: Task) -> Path:
@@ -193,7 +188,7 @@ def _run_dir(cfg: Config, task: Task) -> Path:
     return Path(cfg.finetune.out_dir) / name
 
 
-def _train_epoch(state: dict[str, Any], data: TaskData, epoch: int, bar: Any, log: JsonlLog,
+def _train_epoch(state: dict[str, Any], data: TaskData, epoch: int, bar: Any, log: Trackers,
                  env: dict[str, Any]) -> None:
     """One pass over the training set; ``state`` holds model, opt_state, scale, step (updated in place)."""
     cfg, pending = env["cfg"], []
@@ -211,42 +206,39 @@ def _train_epoch(state: dict[str, Any], data: TaskData, epoch: int, bar: Any, lo
             mean = float(np.mean(jax.device_get(pending)))
             pending = []
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-            log.write({"step": state["step"], "epoch": epoch + 1, "train_loss": mean, "lr": float(lr)})
+            log.log(state["step"], {"loss": mean, "lr": float(lr), "epoch": float(epoch + 1)}, "train")
 
 
-def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, tracker: Any = None,
-        save: bool = True, echo: Log = print) -> FinetuneResult:
-    """Finetune ``start`` on ``data`` with ``cfg`` (a config as returned in ``start.cfg``)."""
-    task, f = data.task, cfg.finetune
-    if data.train is None:
-        raise ValueError(f"task {task.name} has no training data")
-    run_dir = _run_dir(cfg, task)
-    config_lib.save(cfg, run_dir)
-    log = JsonlLog(run_dir / "metrics.jsonl", tracker)
+def _initial_state(cfg: Config, start: Start, data: TaskData) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The mutable loop state (model, optimizer state, loss scale, step) and the fixed environment of a run."""
+    f = cfg.finetune
     k_head, k_train = jax.random.split(jax.random.PRNGKey(f.seed))
     policy = Policy.from_name(f.precision)
-    model = build_classifier(dataclasses.replace(start, cfg=cfg), task, k_head)
+    model = build_classifier(dataclasses.replace(start, cfg=cfg), data.task, k_head)
     optimizer = make_optimizer(f.weight_decay, f.clip_norm)
-    per_epoch = steps_per_epoch(len(data.train), f.batch_size)
-    total = per_epoch * f.epochs
+    total = steps_per_epoch(len(data.train), f.batch_size) * f.epochs
     lrs = np.asarray(one_cycle(f.lr, f.warmup_fraction, 0.0)(np.arange(total) / total), np.float32)
     state = {"model": model, "opt_state": optimizer.init(eqx.filter(model, eqx.is_inexact_array)), "step": 0,
              "scale": LossScale.create(dynamic=policy.needs_loss_scaling)}
-    env = {"cfg": cfg, "lrs": lrs, "key": k_train, "optimizer": optimizer, "policy": policy}
-    echo(f"{task.name}: {len(data.train)} train examples, {f.epochs} epoch(s) of {per_epoch} steps, batch "
-         f"{f.batch_size}, lr {f.lr:g}, {f.precision}; run dir {run_dir}")
+    return state, {"cfg": cfg, "lrs": lrs, "key": k_train, "optimizer": optimizer, "policy": policy}
+
+
+def _epochs(state: dict[str, Any], env: dict[str, Any], start: Start, data: TaskData, run_dir: Path,
+            log: Trackers, progress: bool, save: bool) -> FinetuneResult:
+    """Train and evaluate every epoch; the best epoch's model (saved under ``run_dir/best`` when ``save``)."""
+    cfg, task = env["cfg"], data.task
     best: Optional[FinetuneResult] = None
     history = []
-    with tqdm(total=total, desc=task.name, disable=not progress, dynamic_ncols=True) as bar:
-        for epoch in range(f.epochs):
+    with tqdm(total=len(env["lrs"]), desc=task.name, disable=not progress, dynamic_ncols=True) as bar:
+        for epoch in range(cfg.finetune.epochs):
             started = time.time()
             _train_epoch(state, data, epoch, bar, log, env)
-            dev = evaluate(state["model"], task, data.dev, cfg, policy)
+            dev = evaluate(state["model"], task, data.dev, cfg, env["policy"])
             score = task_score(dev)
-            record = {"step": state["step"], "epoch": epoch + 1, "score": score, "epoch_seconds": time.time() - started,
+            record = {"epoch": float(epoch + 1), "score": score, "epoch_seconds": time.time() - started,
                       **{f"{split}/{m}": v for split, ms in dev.items() for m, v in ms.items()}}
-            log.write(record)
-            history.append(record)
+            log.log(state["step"], record, "eval")
+            history.append({"step": state["step"], **record})
             bar.write(f"{task.name} epoch {epoch + 1}: " + _describe(dev) + f"  score {100 * score:.2f}")
             if best is None or score > best.score:
                 best = FinetuneResult(task.name, run_dir, epoch + 1, score, dev, state["model"])
@@ -255,7 +247,28 @@ def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, tra
                                     {"task": task.name, "labels": list(task.labels), "epoch": epoch + 1,
                                      "score": score, "dev": dev, "init": start.source})
     assert best is not None
-    best.history, best.cfg, best.tokenizer = history, cfg, start.tokenizer
+    best.history = history
+    return best
+
+
+def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, save: bool = True,
+        echo: Log = print) -> FinetuneResult:
+    """Finetune ``start`` on ``data`` with ``cfg`` (a config as returned in ``start.cfg``); evaluate on dev every
+    epoch, keep the best epoch's model, write test predictions and ``results.json``."""
+    task, f = data.task, cfg.finetune
+    if data.train is None or not data.dev:
+        raise ValueError(f"task {task.name}: finetuning needs a train split and at least one dev split")
+    run_dir = _run_dir(cfg, task)
+    config_lib.save(cfg, run_dir)
+    state, env = _initial_state(cfg, start, data)
+    echo(f"{task.name}: {len(data.train)} train examples, {f.epochs} epoch(s) of "
+         f"{len(env['lrs']) // f.epochs} steps, batch {f.batch_size}, lr {f.lr:g}, {f.precision}; run dir {run_dir}")
+    log = make_tracker(cfg, run_dir)
+    try:
+        best = _epochs(state, env, start, data, run_dir, log, progress, save)
+    finally:
+        log.close()
+    best.cfg, best.tokenizer = cfg, start.tokenizer
     best.dev_sizes = {split: len(enc) for split, enc in data.dev.items()}
     best.predictions = predict_tests(best.model, task, data, cfg, run_dir / "predictions", echo)
     _write_results(run_dir, best)
@@ -287,18 +300,6 @@ def _write_results(run_dir: Path, result: FinetuneResult) -> None:
     tmp.replace(run_dir / "results.json")
 
 
-def make_tracker(cfg: Config, run_dir_name: str, echo: Log) -> Any:
-    """A Weights & Biases tracker from jaxbert.tracking when enabled and available, else None (JSONL only)."""
-    if not cfg.tracking.wandb:
-        return None
-    try:
-        from . import tracking  # type: ignore[attr-defined]
-    except ImportError:
-        echo("tracking.wandb=true but jaxbert.tracking is not available: logging to metrics.jsonl only")
-        return None
-    return tracking.make_tracker(cfg, run_dir_name)  # type: ignore[attr-defined]
-
-
 def finetune(cfg: Config, init: Optional[str] = None, *, progress: bool = True, echo: Log = print) -> FinetuneResult:
     """Load the init and the task's data, then :func:`run`."""
     task = get_task(cfg.finetune.task)
@@ -307,8 +308,7 @@ def finetune(cfg: Config, init: Optional[str] = None, *, progress: bool = True, 
                          f"model (jaxbert glue does this)")
     start = prepare_start(cfg, init, task)
     data = load_task_data(start.cfg, task, start.tokenizer, echo=echo)
-    tracker = make_tracker(start.cfg, _run_dir(start.cfg, task).name, echo)
-    return run(start.cfg, start, data, progress=progress, tracker=tracker, echo=echo)
+    return run(start.cfg, start, data, progress=progress, echo=echo)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -29,7 +29,7 @@ from .config import Config
 from .data.glue import TASKS, Task, get_task, has_split, missing_reason, read_split
 from .data.pairs import encode_split
 from .data.task_data import load_task_data
-from .finetune import (FinetuneResult, add_common_arguments, make_tracker, overrides_from, predict,
+from .finetune import (FinetuneResult, add_common_arguments, overrides_from, predict,
                        prediction_strings, run, write_predictions)
 from .metrics import DISPLAY, glue_average
 from .precision import Policy
@@ -93,8 +93,7 @@ def run_task(base: list[str], extra: list[str], args: argparse.Namespace, task: 
                                                f"finetune.run_name={task.name}"] + extra)
     start = prepare_start(cfg, args.init, task)
     data = load_task_data(start.cfg, task, start.tokenizer, echo=echo)
-    tracker = make_tracker(start.cfg, f"{out_dir.name}-{task.name}", echo)
-    return run(start.cfg, start, data, progress=not args.no_progress, tracker=tracker, echo=echo)
+    return run(start.cfg, start, data, progress=not args.no_progress, echo=echo)
 
 
 def run_glue(args: argparse.Namespace, tasks: Sequence[str], echo: Echo = print) -> GlueReport:
