@@ -156,6 +156,17 @@ class ImplConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Several devices or processes (see jaxbert.distributed); the defaults run on every local device."""
+
+    coordinator: Optional[str] = None  # "host:port" of process 0; None: auto-detected (SLURM, ...) or 1 process
+    num_processes: Optional[int] = None  # processes in the run (None: from the cluster environment)
+    process_id: Optional[int] = None  # this process's rank in [0, num_processes) (None: from the environment)
+    fsdp: int = 1  # size of the mesh axis that shards parameters and optimizer state (1: pure data parallel)
+    init_timeout_s: int = 300  # seconds to wait for every process to reach the coordinator
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str = "base"  # name of the preset this config started from
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,6 +176,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     impl: ImplConfig = field(default_factory=ImplConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -216,6 +228,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= f.warmup_fraction <= 1.0, "finetune.warmup_fraction", "must be in [0, 1]")
     _check(i.pad_multiple > 0, "impl.pad_multiple", "must be positive")
     _check(i.attention in ("auto", "xla", "cudnn"), "impl.attention", f"expected auto|xla|cudnn, got {i.attention!r}")
+    _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
+    _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")
     return cfg
 
 
