@@ -30,9 +30,36 @@ class MLMHead(eqx.Module):
     def __call__(self, hidden: Array, token_embedding: Array, act: str) -> Float[Array, "... vocab"]:
         """float32 logits for every vector in ``hidden`` (``(..., hidden)``)."""
         h = self.norm(activation(self.transform(hidden), act))
-        h, table = cpu_half_workaround(h, token_embedding.astype(h.dtype))
-        logits = jnp.dot(h, table.T, preferred_element_type=jnp.float32)
-        return logits + self.bias
+        (h,) = cpu_half_workaround(h)
+        return decode(h, token_embedding) + self.bias
+
+
+@jax.custom_vjp
+def decode(h: Array, table: Float[Array, "vocab hidden"]) -> Float[Array, "... vocab"]:
+    """float32 logits ``h @ table.T`` from ``h`` in the compute dtype and the float32 (tied) embedding table.
+
+    The same numbers as ``jnp.dot(h, table.astype(h.dtype).T, preferred_element_type=float32)``; the custom
+    backward pass casts the float32 cotangent back to ``h``'s dtype first, so under a bf16 policy both of its
+    matmuls run in bf16 (left to autodiff they would promote to float32, the slowest matmuls of the step), and
+    returns the table's gradient straight in float32.
+    """
+    return jnp.dot(h, table.astype(h.dtype).T, preferred_element_type=jnp.float32)
+
+
+def _decode_fwd(h: Array, table: Array) -> tuple[Array, tuple[Array, Array]]:
+    small = table.astype(h.dtype)
+    return jnp.dot(h, small.T, preferred_element_type=jnp.float32), (h, small)
+
+
+def _decode_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    h, small = res
+    g = g.astype(h.dtype)
+    d_h = jnp.dot(g, small, preferred_element_type=jnp.float32).astype(h.dtype)
+    d_table = jnp.einsum("...v,...d->vd", g, h, preferred_element_type=jnp.float32)
+    return d_h, d_table
+
+
+decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 class BertForMLM(eqx.Module):

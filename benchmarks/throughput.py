@@ -1,0 +1,160 @@
+"""Throughput suite: several ``jaxbert bench`` cases in one go, each side in its own subprocess.
+
+    python benchmarks/throughput.py                       # the recorded suite (see SUITES) -> table + JSON lines
+    python benchmarks/throughput.py --suite base          # one case: BERT-base, seq 128, batch 256, with the HF peer
+    python benchmarks/throughput.py --cases cases.json    # a list of case objects (keys: see Case below)
+
+A case may run another source tree (``src``), or a copy of this one with some model files replaced
+(``overlay``: a folder of .py files copied over ``jaxbert/model``; ``replace``: [file, old, new] edits), which is
+how before/after variants are measured in one run. ``maxbatch`` estimates the largest batch without
+rematerialisation from the peak memory of two earlier cases (linear in the batch) and runs it.
+Results: a table on stdout, ``results.jsonl`` and ``table.txt`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from jaxbert import bench  # noqa: E402
+
+BASE = {"config": "base", "batch": 256, "seq": 128}
+SUITES: dict[str, list[dict[str, Any]]] = {
+    "base": [dict(BASE, name="base-128", peer=True, profile=True)],
+    "final": [dict(BASE, name="base-128", peer=True, profile=True),
+              dict(BASE, name="base-512", seq=512, batch=64),
+              dict(BASE, name="small-128", config="small"),
+              dict(BASE, name="mini-128", config="mini"),
+              dict(BASE, name="base-128-b1024", batch=1024, steps=4),
+              dict(BASE, name="base-128-max", maxbatch=["base-128", "base-128-b1024"], steps=3)],
+}
+
+
+def variant_tree(case: dict[str, Any], workdir: Path) -> str:
+    """The ``src`` folder a case runs: this checkout's, another one, or a patched copy of this one."""
+    if "src" in case:
+        return case["src"]
+    if "overlay" not in case and "replace" not in case:
+        return str(ROOT / "src")
+    target = workdir / case["name"] / "src"
+    shutil.copytree(ROOT / "src", target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for f in sorted(Path(case.get("overlay", "/nonexistent")).glob("*.py")):
+        shutil.copy(f, target / "jaxbert" / "model" / f.name)
+    for rel, old, new in case.get("replace", []):
+        path = target / "jaxbert" / rel
+        text = path.read_text()
+        if old not in text:
+            raise ValueError(f"case {case['name']}: '{old[:60]}' not found in {rel}")
+        path.write_text(text.replace(old, new))
+    return str(target)
+
+
+def predicted_max_batch(rows: dict[str, dict[str, Any]], names: list[str], multiple: int = 64) -> int:
+    """Largest batch whose peak memory fits, from two cases' (batch, peak) pairs, rounded down."""
+    (b1, p1), (b2, p2) = [(rows[n]["batch"], rows[n]["peak_gib"]) for n in names]
+    slope = (p2 - p1) / (b2 - b1)
+    fixed = p1 - slope * b1
+    limit = rows[names[1]]["limit_gib"]
+    return int((0.97 * limit - fixed) / slope) // multiple * multiple
+
+
+def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Path, out: Path,
+             timeout: float) -> list[dict[str, Any]]:
+    """The rows (jaxbert, then the peers if asked) of one case."""
+    if "maxbatch" in case:
+        if not all(n in rows and "peak_gib" in rows[n] for n in case["maxbatch"]):
+            return [{"side": "jaxbert", "case": case["name"], "error": "needs the two earlier cases' memory"}]
+        case = dict(case, batch=predicted_max_batch(rows, case["maxbatch"]))
+    argv = ["--config", case["config"], "--batch", str(case["batch"]), "--seq", str(case["seq"]),
+            "--steps", str(case.get("steps", 10)), "--warmup", str(case.get("warmup", 3)), *case.get("set", [])]
+    if case.get("micro"):
+        argv += ["--micro-batch", str(case["micro"])]
+    if case.get("profile"):
+        argv += ["--profile", str(workdir / f"profile-{case['name']}")]
+    args = bench.parse_args(argv)
+    cfg = bench.bench_config(args.config, args.batch, args.seq, args.micro_batch, args.precision,
+                             tuple(args.overrides))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([variant_tree(case, workdir),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    if case.get("flags"):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + case["flags"]).strip()
+    result = [bench.run_json(bench.jax_command(args, ceiling=True), env, case.get("timeout", timeout), "jaxbert")]
+    if case.get("peer"):
+        for mode in ("eager", "compile"):
+            result.append(bench.run_json(bench.peer_command(cfg, args, mode), env, 2 * timeout, f"hf-{mode}"))
+    for r in result:
+        r["case"] = case["name"]
+        if "error" not in r:
+            bench.add_derived(r, cfg, None)
+    trace = result[0].get("profile", {}).get("trace")
+    if trace and Path(trace).is_file():
+        shutil.copy(trace, out / f"trace-{case['name']}.json.gz")
+    return result
+
+
+def finish(all_rows: list[dict[str, Any]], out: Path) -> str:
+    """Apply the run's best ceiling to every row; the table of all cases with ratios to HF compiled."""
+    ceilings = [r["ceiling_tflops"] for r in all_rows if "ceiling_tflops" in r]
+    ceiling = max(ceilings) if ceilings else None
+    lines = [f"bf16 matmul ceiling measured in this run: {ceiling or float('nan'):.0f} TFLOP/s"]
+    for r in all_rows:
+        if ceiling and "tokens_per_s" in r:
+            r["ceiling_used_tflops"] = ceiling
+            r["mfu"] = r["tokens_per_s"] * r["mflop_per_token"] * 1e6 / (ceiling * 1e12)
+    reference = next((r for r in all_rows if r["side"] == "hf-compile" and "error" not in r), None)
+    for name in dict.fromkeys(r["case"] for r in all_rows):
+        rows = [r for r in all_rows if r["case"] == name]
+        first = rows[0]
+        lines += ["", f"[{name}] {first.get('config', '')} seq {first.get('seq', '')} batch {first.get('batch', '')}"
+                  f" {first.get('xla_flags', '')}", bench.table(rows, reference)]
+    text = "\n".join(lines)
+    (out / "table.txt").write_text(text + "\n")
+    with open(out / "results.jsonl", "w") as fh:
+        for r in all_rows:
+            fh.write(json.dumps(r) + "\n")
+    return text
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="final", choices=sorted(SUITES))
+    p.add_argument("--cases", default=None, help="a JSON file holding a list of cases (replaces --suite)")
+    p.add_argument("--only", default=None, help="comma-separated case names to run")
+    p.add_argument("--out", default="benchmarks/out", help="folder for results.jsonl, table.txt, traces")
+    p.add_argument("--timeout", type=float, default=150.0, help="seconds per jaxbert case (peers: twice)")
+    args = p.parse_args(argv)
+    cases = json.loads(Path(args.cases).read_text()) if args.cases else SUITES[args.suite]
+    if args.only:
+        cases = [c for c in cases if c["name"] in args.only.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    all_rows: list[dict[str, Any]] = []
+    by_name: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="jaxbert-bench-") as tmp:
+        for case in cases:
+            case = dict({"config": "base", "batch": 256, "seq": 128}, **case)
+            rows = run_case(case, by_name, Path(tmp), out, args.timeout)
+            by_name[case["name"]] = rows[0]
+            all_rows += rows
+            for r in rows:
+                brief = {k: r.get(k) for k in ("case", "side", "batch", "tokens_per_s", "step_ms", "compile_s",
+                                               "peak_gib", "error")}
+                print(json.dumps(brief), flush=True)
+                if "profile" in r:
+                    print(json.dumps(r["profile"], indent=None), flush=True)
+    print(finish(all_rows, out))
+    return 0 if all("error" not in r for r in all_rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
