@@ -24,7 +24,9 @@ from __future__ import annotations
 import bz2
 import html
 import io
+import os
 import re
+import socket
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Optional
 
@@ -210,18 +212,38 @@ def _local_table(root: Path, fmt: str, column: str) -> Iterator[str]:
         raise CorpusError(f"{root}: cannot be read as {fmt} ({first})") from None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HuggingFace hub endpoint accepts a TCP connection (fails fast instead of slow retries)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k, "0").lower() not in ("0", "", "false") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return True  # offline mode: datasets reads its local cache itself
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+_HUB_HINT = ("without hub access, point data.source at local files (jsonl/csv/parquet/txt, a WikiExtractor "
+             "directory or a Wikipedia dump), or set HF_HUB_OFFLINE=1 to use a copy in the local HF cache")
+
+
 def _hub(name: str, cfg: DataConfig) -> Iterator[str]:
     import datasets
 
+    if not hub_reachable():
+        raise CorpusError(f"HF dataset '{name}': the HuggingFace hub cannot be reached; {_HUB_HINT}")
     try:
         rows = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=True)
         iterator = iter(rows)
         first = next(iterator, None)
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CorpusError(f"HF dataset '{name}' could not be loaded from the hub ({detail[:200]}); without hub "
-                          f"access, point data.source at local files (jsonl/csv/parquet/txt or a "
-                          f"Wikipedia dump)") from None
+        raise CorpusError(f"HF dataset '{name}' could not be loaded ({detail[:200]}); {_HUB_HINT}") from None
     if first is None:
         return
     yield from _rows_text(_chain(first, iterator), cfg.text_column, f"hf:{name}")

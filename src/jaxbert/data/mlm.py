@@ -28,15 +28,20 @@ class MLMBatch(NamedTuple):
 
 def random_non_special(key: PRNGKeyArray, shape: tuple[int, ...], vocab_size: int,
                        special_ids: Sequence[int]) -> Int[Array, "..."]:
-    """Uniform token ids from ``[0, vocab_size)`` minus ``special_ids``: draw from a range of the right size,
-    then step over each special id in increasing order."""
+    """Uniform token ids from ``[0, vocab_size)`` minus ``special_ids``.
+
+    Draws ``r`` uniformly among the ``vocab_size - k`` allowed ids and maps it to the ``r``-th allowed id:
+    ``r + #{j : r >= s_j - j}`` for the sorted specials ``s_0 < s_1 < ...`` (``s_j - j`` allowed ids lie below
+    ``s_j``).
+    """
     specials = sorted({int(s) for s in special_ids if 0 <= int(s) < vocab_size})
     if vocab_size - len(specials) < 1:
         raise ValueError(f"vocab_size={vocab_size} leaves no non-special token to sample")
     draw = jax.random.randint(key, shape, 0, vocab_size - len(specials), dtype=jnp.int32)
-    for s in specials:
-        draw = draw + (draw >= s).astype(jnp.int32)
-    return draw
+    if not specials:
+        return draw
+    thresholds = jnp.asarray([s - j for j, s in enumerate(specials)], jnp.int32).reshape((1,) * len(shape) + (-1,))
+    return draw + (draw[..., None] >= thresholds).sum(axis=-1, dtype=jnp.int32)
 
 
 def mask_tokens(ids: Int[Array, "b s"], key: PRNGKeyArray, *, special_ids: Sequence[int], mask_id: int,
@@ -50,9 +55,8 @@ def mask_tokens(ids: Int[Array, "b s"], key: PRNGKeyArray, *, special_ids: Seque
         raise ValueError(f"mask_tokens: max_predictions={max_predictions} must be in [1, seq_len={seq}]")
     k_select, k_action, k_random = jax.random.split(key, 3)
 
-    eligible = jnp.ones(ids.shape, bool)
-    for s in sorted({int(s) for s in special_ids}):
-        eligible = eligible & (ids != s)
+    specials = jnp.asarray(sorted({int(s) for s in special_ids}), jnp.int32).reshape(1, 1, -1)
+    eligible = ~(ids[:, :, None] == specials).any(axis=-1)
     n_eligible = eligible.sum(axis=1)
     wanted = jnp.floor(probability * n_eligible.astype(jnp.float32) + 0.5).astype(jnp.int32)
     n_mask = jnp.minimum(jnp.minimum(jnp.maximum(wanted, 1), n_eligible), max_predictions)

@@ -23,10 +23,13 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
-_DROP_TAGS = {"ref", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source"}
 _DROP_SECTIONS = {"references", "external links", "see also", "notes", "further reading", "bibliography",
                   "sources", "citations", "footnotes", "notes and references", "works cited"}
-_NAMESPACE_LINK = re.compile(r"^\s*:?\s*(category|file|image|media|[a-z]{2,3}(-[a-z]+)?)\s*:", re.IGNORECASE)
+_DROP_ELEMENTS = re.compile(
+    r"<!--.*?-->|<ref\b[^>]*/>|<(ref|gallery|math|timeline|imagemap|score|syntaxhighlight|source|table)\b[^>]*>"
+    r".*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HEADING2 = re.compile(r"^==([^=].*?)==\s*$", re.MULTILINE)
+_NAMESPACE_LINK = re.compile(r"\[\[\s*:?\s*(category|file|image|media|[a-z]{2,3}(-[a-z]+)?)\s*:", re.IGNORECASE)
 _BATCH = 16  # pages per task handed to a worker process
 
 
@@ -34,29 +37,52 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _remove(code, node) -> None:
-    try:
-        code.remove(node)
-    except ValueError:  # already removed with an enclosing node
-        pass
+def _drop_sections(text: str) -> str:
+    """Cut level-2 sections whose heading is reference-like (References, External links, ...)."""
+    heads = list(_HEADING2.finditer(text))
+    keep, cursor = [], 0
+    for i, head in enumerate(heads):
+        if head.group(1).strip().strip("'").lower() in _DROP_SECTIONS:
+            keep.append(text[cursor:head.start()])
+            cursor = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+    keep.append(text[cursor:])
+    return "".join(keep)
+
+
+def _matching_end(text: str, start: int, opening: str, closing: str) -> int:
+    """Index just past the ``closing`` that balances the ``opening`` at ``start`` (end of text if none)."""
+    depth = 0
+    for token in re.finditer(f"{re.escape(opening)}|{re.escape(closing)}", text[start:]):
+        depth += 1 if token.group() == opening else -1
+        if depth == 0:
+            return start + token.end()
+    return len(text)
+
+
+def _drop_balanced(text: str, start_pattern: re.Pattern, opening: str, closing: str) -> str:
+    pieces, cursor = [], 0
+    while True:
+        match = start_pattern.search(text, cursor)
+        if match is None:
+            break
+        pieces.append(text[cursor:match.start()])
+        cursor = _matching_end(text, match.start(), opening, closing)
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
+_TABLE_START = re.compile(r"\{\|")
 
 
 def clean_wikitext(text: str) -> str:
-    """Plain text of an article's wikitext (markup, references, tables and link-only sections removed)."""
+    """Plain text of an article's wikitext: comments, references, tables, galleries, file/category/interlanguage
+    links and reference-like sections removed, then mwparserfromhell's ``strip_code`` and a tidy-up."""
     import mwparserfromhell
 
-    code = mwparserfromhell.parse(text)
-    for section in code.get_sections(levels=[2]):
-        headings = section.filter_headings(recursive=False)
-        if headings and headings[0].title.strip_code().strip().lower() in _DROP_SECTIONS:
-            _remove(code, section)
-    for tag in code.filter_tags():
-        if str(tag.tag).strip().lower() in _DROP_TAGS:
-            _remove(code, tag)
-    for link in code.filter_wikilinks():
-        if _NAMESPACE_LINK.match(str(link.title)):
-            _remove(code, link)
-    plain = code.strip_code(normalize=True, collapse=True, keep_template_params=False)
+    text = _drop_sections(_DROP_ELEMENTS.sub("", text))
+    text = _drop_balanced(text, _TABLE_START, "{|", "|}")
+    text = _drop_balanced(text, _NAMESPACE_LINK, "[[", "]]")
+    plain = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True, keep_template_params=False)
     return tidy(plain)
 
 
