@@ -32,7 +32,7 @@ def decay_mask(params: Any) -> Any:
     def mark(path: tuple, leaf: Any) -> Any:
         if isinstance(leaf, LayerNorm):
             return jax.tree.map(lambda _: False, leaf)
-        names = [getattr(k, "name", None) for k in path]
+        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]  # attribute or dict key
         return not (names[-1] == "bias" or "pooler" in names)
 
     return jax.tree_util.tree_map_with_path(mark, params, is_leaf=lambda x: isinstance(x, LayerNorm))

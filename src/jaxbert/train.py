@@ -122,7 +122,10 @@ def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
 @eqx.filter_jit(donate="all-except-first")
 def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: jax.Array,
                spec: StepSpec) -> Accumulator:
-    """Add one micro-batch's gradients (rows ``offset ...`` of the current step) into ``accum``."""
+    """Add one micro-batch's gradients (rows ``offset ...`` of the current step) into ``accum``.
+
+    ``accum``, ``ids`` and ``offset`` are donated: pass fresh arrays and use the returned accumulator.
+    """
     _, mask_key, dropout_key = _step_keys(state.key)
     batch = mask_rows(ids, mask_key, offset, spec)
     slots = float(ids.shape[0] * spec.max_predictions)  # keeps the backward pass at mean-loss magnitude
@@ -157,7 +160,7 @@ def apply_step(lr: jax.Array, state: TrainState, accum: Accumulator,
     new_state = TrainState(model, opt_state, state.loss_scale.update(finite), state.step + 1, next_key,
                            state.skipped + skipped, (state.consecutive_skipped + skipped) * skipped)
     metrics = {"loss": accum.loss_sum / count, "accuracy": accum.correct_sum / count,
-               "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(lr, jnp.float32),
+               "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32),
                "loss_scale": state.loss_scale.scale, "skipped": skipped,
                "skipped_total": new_state.skipped, "consecutive_skipped": new_state.consecutive_skipped}
     return new_state, jax.tree.map(jnp.zeros_like, accum), metrics
@@ -198,12 +201,13 @@ def evaluate(model: BertForMLM, batches: Sequence[np.ndarray], spec: StepSpec, k
 
 @dataclass
 class Periodic:
-    """A hook ``fn(state, progress)`` run every ``every`` steps (0: never during training) and, with
-    ``at_end``, once after the last step unless it just ran."""
+    """A hook ``fn(state, progress)`` run every ``every`` steps (0: never during training); with ``at_end``,
+    once more after the last step unless it just ran; with ``on_stop``, also when the loop is stopped early."""
 
     every: int
     fn: Callable[[TrainState, Progress], None]
     at_end: bool = True
+    on_stop: bool = False
 
 
 class TrainingDiverged(ValueError):
@@ -222,7 +226,6 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
     t, mb = cfg.train, cfg.train.micro_batch
     schedule, pending, hook_seconds = schedule_for(t), [], 0.0
     start, base_elapsed, last_log = time.perf_counter(), progress.elapsed_seconds, time.perf_counter()
-    offsets: dict[int, jax.Array] = {}
     accum, reason = zero_accumulator(state.model), "done"
     while True:
         elapsed = base_elapsed + time.perf_counter() - start - hook_seconds
@@ -234,8 +237,7 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
             break
         k = micro_batches_at(t, fraction)
         for i in range(k):
-            offsets.setdefault(i, jnp.int32(i * mb))
-            accum = micro_step(state, accum, next(micro_batches), offsets[i], spec)
+            accum = micro_step(state, accum, jnp.asarray(next(micro_batches)), jnp.int32(i * mb), spec)
         state, accum, metrics = apply_step(jnp.float32(schedule(fraction)), state, accum, spec)
         elapsed = base_elapsed + time.perf_counter() - start - hook_seconds
         progress = Progress(progress.step + 1, progress.data_position + k * mb, elapsed)
@@ -255,7 +257,8 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
                                          progress_at(t, progress.step, progress.elapsed_seconds)))
         _check_skipped(state, t.max_skipped_steps)
     for hook in hooks:
-        if hook.at_end and not (hook.every > 0 and progress.step % hook.every == 0):
+        wanted = hook.on_stop if reason == "stopped" else hook.at_end
+        if wanted and not (hook.every > 0 and progress.step % hook.every == 0):
             hook.fn(state, progress)
     return state, progress, reason
 

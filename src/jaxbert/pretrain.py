@@ -1,0 +1,236 @@
+"""``jaxbert pretrain``: config -> tokenizer + prepared data -> model -> training loop (eval, checkpoints, tracking).
+
+Run directory (``<train.out_dir>/<run name>/``)::
+
+    config.yaml        the resolved config (model.vocab_size set from the tokenizer)
+    metrics.jsonl      train metrics every impl.log_every steps, eval metrics every train.eval_every steps
+    plots/             loss.png, accuracy.png, lr.png (redrawn at every evaluation)
+    checkpoints/       step_XXXXXXXX/ (the last train.keep_checkpoints), see jaxbert.checkpoint
+
+``--resume`` continues the newest valid checkpoint of ``--run-dir`` (default: ``out_dir/run_name`` when a run
+name is set, else the newest run under ``out_dir``). SIGTERM and Ctrl-C save a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import config as config_lib
+from .checkpoint import Progress
+from .config import Config
+from .data.loader import Prefetcher, get_samples
+from .data.prepare import PreparedData, check_compatible, open_dataset, prepare
+from .tokenizer import load_tokenizer
+from .tracking import Trackers, make_trackers
+from .train import Periodic, StepSpec, TrainState, evaluate, init_state, make_spec, micro_batch_stream, run_loop
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    cfg: Config
+    state: TrainState
+    progress: Progress
+    reason: str  # "done" | "stopped" (a signal)
+    checkpoint: Optional[Path]
+    signal: Optional[int] = None  # the signal that stopped the run
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, held-out metrics)
+
+
+def root_keys(cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """(state key, eval masking key), split once from train.seed by purpose."""
+    k_state, k_eval = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+    return k_state, k_eval
+
+
+def load_data(cfg: Config, tokenizer: Any = None, log: Callable[[str], None] = print) -> PreparedData:
+    """The prepared dataset: ``data.source`` may name a prepared directory; otherwise prepare (or reuse) one."""
+    source = Path(cfg.data.source)
+    if (source / "meta.json").is_file():
+        return open_dataset(source, tokenizer, log=log)
+    return open_dataset(prepare(cfg, tokenizer), tokenizer, log=log)
+
+
+def eval_batches(cfg: Config, data: PreparedData) -> list[np.ndarray]:
+    """The fixed held-out micro-batches: the first ``eval_batches`` micro-batches of the validation stream
+    (fewer when it is short), so every evaluation of a run sees the same sequences."""
+    mb, seq = cfg.train.micro_batch, cfg.data.seq_len
+    count = max(1, min(cfg.train.eval_batches, data.validation.n_chunks(seq) // mb))
+    rows = get_samples(data.validation, cfg.train.seed, 0, count * mb, seq)
+    return [rows[i * mb:(i + 1) * mb] for i in range(count)]
+
+
+def new_run_dir(cfg: Config, path: Optional[Path] = None) -> Path:
+    """A run directory for a fresh run: ``path``, or ``out_dir/<run_name or preset-timestamp>``."""
+    if path is None:
+        name = cfg.train.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = Path(cfg.train.out_dir) / name
+    if ckpt.checkpoint_dirs(path):
+        raise ValueError(f"run directory '{path}' already has checkpoints: add --resume to continue it, "
+                         "or choose another train.run_name")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_run_dir(out_dir: str | Path, run_name: Optional[str]) -> Path:
+    """The run to resume: ``out_dir/run_name``, or the run under ``out_dir`` with the newest checkpoint."""
+    if run_name:
+        return Path(out_dir) / run_name
+    runs = [p for p in Path(out_dir).glob("*") if ckpt.checkpoint_dirs(p)]
+    if not runs:
+        raise FileNotFoundError(f"no run with checkpoints under '{out_dir}' to resume (pass --run-dir)")
+    return max(runs, key=lambda p: ckpt.checkpoint_dirs(p)[-1].stat().st_mtime)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], Optional[int]]]:
+    """While active, SIGTERM and the first Ctrl-C only set a flag (checked between steps); a second Ctrl-C
+    interrupts at once. Yields a function returning the signal received, if any."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _start(cfg: Config, run_dir: Optional[Path], resume: bool) -> tuple[Config, Path, PreparedData, TrainState,
+                                                                         Progress]:
+    """Resolve the run dir, data, tokenizer-sized config and the (fresh or restored) state."""
+    if not resume:
+        data = load_data(cfg)
+        cfg = config_lib.replace(cfg, model={"vocab_size": data.tokenizer.vocab_size})
+        run_dir = new_run_dir(cfg, run_dir)
+        return cfg, run_dir, data, init_state(cfg, key=root_keys(cfg)[0]), Progress()
+    run_dir = run_dir or find_run_dir(cfg.train.out_dir, cfg.train.run_name)
+    latest = ckpt.checkpoint_dirs(run_dir)
+    if not latest:
+        raise FileNotFoundError(f"run '{run_dir}' has no checkpoint to resume from")
+    tokenizer = load_tokenizer(latest[-1] / ckpt.TOKENIZER_DIR)  # the run's own tokenizer
+    data = load_data(cfg, tokenizer)
+    check_compatible(data.meta, tokenizer, where=f"data for run {run_dir}")
+    cfg = config_lib.replace(cfg, model={"vocab_size": tokenizer.vocab_size})
+    template = eqx.filter_eval_shape(init_state, cfg, key=root_keys(cfg)[0])
+    state, progress, path = ckpt.restore_latest(run_dir, cfg, template)
+    print(f"resuming {run_dir} from {path.name} (step {progress.step}, sample {progress.data_position})")
+    return cfg, run_dir, data, state, progress
+
+
+def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = False,
+             console: bool = True) -> PretrainResult:
+    """Train (or continue) a run; returns where it ended. Raises TrainingDiverged when the loss stays non-finite."""
+    cfg, run_dir, data, state, progress = _start(cfg, run_dir, resume)
+    config_lib.save(cfg, run_dir)
+    spec = make_spec(cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask)
+    trackers = make_trackers(cfg, run_dir, run_dir.name, start_step=progress.step,
+                             start_elapsed=progress.elapsed_seconds, console=console)
+    result = PretrainResult(run_dir, cfg, state, progress, "done", None)
+    held_out, eval_key = eval_batches(cfg, data), root_keys(cfg)[1]
+
+    def run_eval(s: TrainState, p: Progress) -> None:
+        metrics = evaluate(s.model, held_out, spec, eval_key)
+        result.evals.append((p.step, metrics))
+        trackers.log(p.step, metrics, "eval")
+
+    def save(s: TrainState, p: Progress) -> None:
+        try:
+            result.checkpoint = ckpt.save_checkpoint(run_dir, cfg, s, p, data.tokenizer, cfg.train.keep_checkpoints)
+        except OSError as err:  # e.g. a full disk: the previous checkpoint stays valid, training goes on
+            warnings.warn(f"checkpoint at step {p.step} not written: {err}", stacklevel=1)
+
+    if progress.step == 0:
+        run_eval(state, progress)
+    samples = lambda start, count: get_samples(data.train, cfg.train.seed, start, count, cfg.data.seq_len)  # noqa
+    stream = micro_batch_stream(samples, progress.data_position, cfg.train.micro_batch)
+    try:
+        with stop_requests() as received, _prefetch(stream, cfg.impl.prefetch) as batches:
+            hooks = [Periodic(cfg.train.eval_every, run_eval), Periodic(cfg.train.checkpoint_every, save,
+                                                                       on_stop=True)]
+            state, progress, reason = run_loop(cfg, state, progress, spec, batches, hooks=hooks,
+                                               on_log=trackers.log, should_stop=lambda: received() is not None)
+            result.signal = received()
+    finally:
+        trackers.close()
+    result.state, result.progress, result.reason = state, progress, reason
+    return result
+
+
+@contextlib.contextmanager
+def _prefetch(stream: Iterator[np.ndarray], depth: int) -> Iterator[Iterator[Any]]:
+    if depth < 1:
+        yield stream
+        return
+    with Prefetcher((jax.device_put(x) for x in stream), depth=depth) as prefetched:
+        yield prefetched
+
+
+def summary(result: PretrainResult) -> str:
+    lines = [f"run directory: {result.run_dir}"]
+    if result.evals:
+        step, metrics = result.evals[-1]
+        lines.append(f"held-out MLM at step {step}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}")
+    if result.checkpoint is not None:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    if result.cfg.tracking.plots:
+        lines.append(f"plots: {result.run_dir / 'plots'}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxbert pretrain", description="MLM pretraining of a BERT encoder.")
+    config_lib.add_config_arguments(parser, default_preset="base")
+    parser.set_defaults(config=None)  # None: the preset default, or the resumed run's own config
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest valid checkpoint of --run-dir (or of the newest run in out_dir)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: out_dir/<run name>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
+    """The config: preset + overrides; when resuming without --config, the run's saved config + overrides."""
+    run_dir = args.run_dir
+    if args.resume and args.config is None:
+        probe = config_lib.load("base", args.overrides)
+        run_dir = run_dir or find_run_dir(probe.train.out_dir, probe.train.run_name)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"run '{run_dir}' has no config.yaml to resume")
+        return config_lib.load(str(saved), args.overrides), run_dir
+    return config_lib.load(args.config or "base", args.overrides), run_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    cfg, run_dir = resolve_config(args)
+    result = pretrain(cfg, run_dir=run_dir, resume=args.resume, console=not args.quiet)
+    print(summary(result))
+    if result.reason == "stopped":
+        print(f"stopped at step {result.progress.step}; continue with: jaxbert pretrain --resume "
+              f"--run-dir {result.run_dir}", file=sys.stderr)
+        return 128 + (result.signal or signal.SIGINT)
+    return 0
