@@ -145,15 +145,19 @@ class Tokenizer:
 
 
 def _truncate_longest_first(a: list[int], b: Optional[list[int]], budget: int) -> tuple[list[int], Optional[list[int]]]:
-    """Drop tokens from the end of the longer sequence until both fit in ``budget`` (as HF's longest_first)."""
+    """Fit ``a`` and ``b`` into ``budget`` tokens the way HF's fast tokenizers do ("longest_first"): the shorter
+    input is kept whole when the longer one can absorb the cut; otherwise both get half the budget, the longer
+    (or ``b`` on a tie) the odd token."""
     if b is None:
         return a[:budget], None
-    keep_a, keep_b = len(a), len(b)
-    while keep_a + keep_b > budget:
-        if keep_a > keep_b:
-            keep_a -= 1
-        else:
-            keep_b -= 1
+    if len(a) + len(b) <= budget:
+        return a, b
+    short, long_ = sorted((len(a), len(b)))
+    n_long = short if short > budget else max(short, budget - short)
+    n_short = short
+    if n_short + n_long > budget:
+        n_short, n_long = budget // 2, budget // 2 + budget % 2
+    keep_a, keep_b = (n_long, n_short) if len(a) > len(b) else (n_short, n_long)
     return a[:keep_a], b[:keep_b]
 
 
