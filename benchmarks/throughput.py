@@ -86,17 +86,24 @@ def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Pat
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([variant_tree(case, workdir),
                                                        os.environ.get("PYTHONPATH", "")]))
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    dump = workdir / f"dump-{case['name']}"
     if case.get("flags"):
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + case["flags"]).strip()
-    result = [bench.run_json(bench.jax_command(args, ceiling=True), env, case.get("timeout", timeout), "jaxbert")]
-    if case.get("peer"):
-        for mode in ("eager", "compile"):
-            result.append(bench.run_json(bench.peer_command(cfg, args, mode), env, 2 * timeout, f"hf-{mode}"))
+        flags = case["flags"].replace("DUMPDIR", str(dump))
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    result = []
+    if not case.get("skip_jax"):
+        result.append(bench.run_json(bench.jax_command(args, ceiling=True), env, case.get("timeout", timeout),
+                                     "jaxbert"))
+    peer = case.get("peer") or []
+    for mode in (["eager", "compile"] if peer is True else peer):
+        result.append(bench.run_json(bench.peer_command(cfg, args, mode), env, 2 * timeout, f"hf-{mode}"))
+    if dump.is_dir():  # an XLA dump asked for with DUMPDIR in the flags: one archive
+        shutil.make_archive(str(out / f"dump-{case['name']}"), "gztar", dump)
     for r in result:
         r["case"] = case["name"]
         if "error" not in r:
             bench.add_derived(r, cfg, None)
-    trace = result[0].get("profile", {}).get("trace")
+    trace = result[0].get("profile", {}).get("trace") if result else None
     if trace and Path(trace).is_file():
         shutil.copy(trace, out / f"trace-{case['name']}.json.gz")
     return result
@@ -143,8 +150,11 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="jaxbert-bench-") as tmp:
         for case in cases:
             case = dict({"config": "base", "batch": 256, "seq": 128}, **case)
-            rows = run_case(case, by_name, Path(tmp), out, args.timeout)
-            by_name[case["name"]] = rows[0]
+            try:
+                rows = run_case(case, by_name, Path(tmp), out, args.timeout)
+            except (OSError, ValueError, KeyError) as err:  # a bad case must not stop the others
+                rows = [{"side": "jaxbert", "case": case["name"], "error": f"{type(err).__name__}: {err}"}]
+            by_name[case["name"]] = rows[0] if rows else {}
             all_rows += rows
             for r in rows:
                 brief = {k: r.get(k) for k in ("case", "side", "batch", "tokens_per_s", "step_ms", "compile_s",

@@ -206,7 +206,7 @@ def run_json(cmd: list[str], env: dict[str, str], timeout: float, label: str) ->
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"side": label, "error": f"exit {proc.returncode}: {tail[:300]}"}
+        return {"side": label, "error": f"exit {proc.returncode}: {tail[:300]}", "stderr": proc.stderr[-3000:]}
     return json.loads(lines[-1])
 
 
