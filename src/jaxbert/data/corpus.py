@@ -118,7 +118,7 @@ def read_wikiextractor_file(path: Path) -> Iterator[str]:
         if title is None:
             match = _DOC_START.match(line)
             if match:
-                title, body = html.unescape(match.group(1)), []
+                title, body = match.group(1), []
             elif line.strip():
                 raise CorpusError(f"{path}:{number}: text outside <doc> ... </doc>; not WikiExtractor output")
         elif line.startswith("</doc>"):
@@ -135,7 +135,7 @@ def read_wikiextractor_file(path: Path) -> Iterator[str]:
 
 def _wikiextractor_text(title: str, lines: list[str]) -> str:
     lines = [line for line in lines if line]
-    if lines and lines[0] == title.strip():
+    if lines and lines[0] in (title.strip(), html.unescape(title).strip()):
         lines = lines[1:]
     return "\n".join(lines)
 
