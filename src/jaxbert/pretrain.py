@@ -61,6 +61,8 @@ def load_data(cfg: Config, tokenizer: Any = None, log: Callable[[str], None] = p
     """The prepared dataset: ``data.source`` may name a prepared directory; otherwise prepare (or reuse) one."""
     source = Path(cfg.data.source)
     if (source / "meta.json").is_file():
+        if tokenizer is None and cfg.tokenizer.path is not None:
+            tokenizer = load_tokenizer(cfg.tokenizer.path, lowercase=cfg.tokenizer.lowercase)
         return open_dataset(source, tokenizer, log=log)
     return open_dataset(prepare(cfg, tokenizer), tokenizer, log=log)
 
