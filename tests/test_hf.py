@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from jaxbert.hf import export_main, import_main
 from jaxbert.hf_convert import (flat_params, hf_config_from_model, hf_state_to_model, model_config_from_hf,
                                 model_to_hf_state, skeleton)
 from jaxbert.hf_export import export_hf, load_source
-from jaxbert.hf_import import import_hf, load_classifier, run_config
+from jaxbert.hf_import import import_hf, run_config
 from jaxbert.model import BertForClassification, BertForMLM
 from jaxbert.tokenizer import load_tokenizer
 
@@ -175,12 +174,26 @@ def test_import_classifier_keeps_head_and_labels(tmp_path, capsys):
     assert import_main([str(hf_dir), "--out", str(tmp_path / "ours")]) == 0
     assert "classifier with 3 labels" in capsys.readouterr().out
     model, tokenizer, meta = load_source(tmp_path / "ours")
-    assert isinstance(model, BertForClassification) and model.num_labels == 3 and meta["num_labels"] == 3
-    head, _ = load_classifier(tmp_path / "ours")
-    assert head.weight.shape == (32, 3)
+    assert isinstance(model, BertForClassification) and model.num_labels == 3
+    assert meta["num_labels"] == 3 and meta["labels"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
     ids, seg, mask = _batch(tokenizer, SENTENCES)
     ref = _torch_outputs(transformers.BertForSequenceClassification.from_pretrained(hf_dir).eval(), ids, seg, mask)
     assert np.abs(np.asarray(_forward(model, ids, seg, mask)) - ref.logits.numpy()).max() <= 1e-4
+    # finetuning picks the head up when the task has as many labels (MNLI: 3), and refuses a mismatch
+    from jaxbert import config
+    from jaxbert.classifier import prepare_start
+    from jaxbert.data.glue import get_task
+
+    run = config.load("base", ["data.seq_len=32", "data.max_predictions=5", "finetune.max_len=32"])
+    start = prepare_start(run, str(tmp_path / "ours"), get_task("mnli"))
+    assert _same_params(start.classifier, model)
+    with pytest.raises(ValueError, match="head of 3 outputs"):
+        prepare_start(run, str(tmp_path / "ours"), get_task("sst2"))
+    # and exports back as sequence classification with its label names
+    assert export_main([str(tmp_path / "ours"), str(tmp_path / "again")]) == 0
+    exported = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert exported["architectures"] == ["BertForSequenceClassification"]
+    assert exported["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
 
 
 def test_import_pytorch_bin_equals_safetensors(tmp_path):
@@ -193,6 +206,22 @@ def test_import_pytorch_bin_equals_safetensors(tmp_path):
         import_hf(safe, tmp_path / "from_safe")
         import_hf(binary, tmp_path / "from_bin")
     assert _same_params(load_pretrained(tmp_path / "from_safe")[1], load_pretrained(tmp_path / "from_bin")[1])
+
+
+def test_import_bfloat16_safetensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    source = _exported(tmp_path)
+    state = load_file(source / "model.safetensors")
+    save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in state.items()}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    import_hf(source, tmp_path / "out")
+    model = load_pretrained(tmp_path / "out")[1]
+    rounded = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in state.items()}
+    np.testing.assert_array_equal(np.asarray(model.bert.embeddings.token),
+                                  rounded["bert.embeddings.word_embeddings.weight"])
 
 
 # --- export, loaded back by transformers ------------------------------------------------------------------------

@@ -14,15 +14,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
 from typing import Optional, Sequence
 
+from . import config as config_lib
 from .hf_convert import hf_config_from_model, hf_state_to_model, model_config_from_hf, model_to_hf_state
-from .hf_export import export_hf, load_source
-from .hf_import import import_hf, load_classifier
+from .hf_export import export_hf, label_names, load_source
+from .hf_import import import_hf
 
-__all__ = ["import_hf", "export_hf", "load_source", "load_classifier", "hf_state_to_model", "model_to_hf_state",
+__all__ = ["import_hf", "export_hf", "load_source", "hf_state_to_model", "model_to_hf_state",
            "model_config_from_hf", "hf_config_from_model", "import_main", "export_main"]
 
 
@@ -45,12 +47,11 @@ def import_main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.simplefilter("always")
         out = import_hf(args.source, args.out)
     _show_warnings(caught)
-    from .checkpoint import load_pretrained
-
-    cfg, model, _ = load_pretrained(out)
-    m = cfg.model
-    head = load_classifier(out)
-    extra = "" if head is None else f", classifier with {head[1]['num_labels']} labels"
+    m = config_lib.load_saved(out).model
+    finetuned = out / "finetuned.json"
+    extra = ""
+    if finetuned.is_file():
+        extra = f", classifier with {json.loads(finetuned.read_text())['num_labels']} labels (a finetuned model)"
     print(f"imported {args.source} -> {out} in {time.perf_counter() - start:.1f}s: {m.layers} layers, "
           f"hidden {m.hidden}, {m.heads} heads, vocab {m.vocab_size}, "
           f"{'post-LN' if m.post_ln else 'pre-LN'}, activation {m.activation}{extra}")
@@ -63,16 +64,16 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
         description="Write a jaxbert model as a HuggingFace directory (model.safetensors, config.json, tokenizer "
                     "files) that transformers loads with from_pretrained. Post-LN models export as BERT, pre-LN "
                     "models as RobertaPreLayerNorm.")
-    parser.add_argument("source", help="a jaxbert run directory (its latest checkpoint), checkpoint or model dir")
+    parser.add_argument("source", help="a jaxbert pretraining run (its latest checkpoint), checkpoint or model "
+                                       "directory, or a finetuned model (finetune run dir or its best/)")
     parser.add_argument("out", help="new output directory (must not exist or be empty)")
-    parser.add_argument("--head", choices=("auto", "mlm", "classifier"), default="auto",
-                        help="which head to export (auto: the classifier when the model has one, else MLM)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, tokenizer, meta = load_source(args.source, args.head)
-        out = export_hf(model, tokenizer, args.out, id2label=None if meta is None else meta.get("id2label"))
+        model, tokenizer, meta = load_source(args.source)
+        labels = None if meta is None else label_names(meta, model.num_labels)
+        out = export_hf(model, tokenizer, args.out, id2label=labels)
     _show_warnings(caught)
     cfg = model.config
     arch = ("BERT" if cfg.post_ln else "RobertaPreLayerNorm") + (" + MLM head" if meta is None else

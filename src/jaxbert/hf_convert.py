@@ -350,13 +350,6 @@ def hf_state_to_model(state: Mapping[str, Any], hf_config: Mapping[str, Any], *,
     return cfg, from_flat(shell, params)
 
 
-def with_mlm_head(model: BertForClassification, *, key: PRNGKeyArray) -> BertForMLM:
-    """A BertForMLM sharing ``model``'s encoder, with a freshly initialised MLM head."""
-    params = {k: v for k, v in flat_params(model).items() if k.startswith("bert.")}
-    params.update(_fresh(MLMHead(model.config, key=key), "mlm"))
-    return from_flat(skeleton(model.config), params)
-
-
 def _check_tied_decoder(src: _Source, params: dict[str, np.ndarray], layout: str) -> None:
     decoder = "cls.predictions.decoder.weight" if layout == BERT else "lm_head.decoder.weight"
     if src.has(decoder):

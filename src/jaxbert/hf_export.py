@@ -3,7 +3,8 @@
 Post-LN models become BERT (``BertForMaskedLM``, or ``BertForSequenceClassification`` when a classifier is
 kept beside the model); pre-LN models become ``RobertaPreLayerNormForMaskedLM`` /
 ``...ForSequenceClassification``, transformers' pre-LayerNorm BERT-style architecture (see
-:mod:`jaxbert.hf_convert` for the position-table shift this needs). The directory holds model.safetensors,
+:mod:`jaxbert.hf_convert` for the position-table shift this needs). A finetuned model (``finetuned.json``)
+exports as sequence classification with its label names. The directory holds model.safetensors,
 config.json, tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json; it is written under
 a temporary name and renamed into place, and an existing non-empty target is refused.
 """
@@ -17,40 +18,55 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 from safetensors.numpy import save_file
 
-from .hf_convert import from_flat, flat_params, hf_config_from_model, model_to_hf_state, skeleton
-from .hf_import import check_target, load_classifier, move_into_place
+from .hf_convert import hf_config_from_model, model_to_hf_state
+from .hf_import import check_target, move_into_place
 from .model import BertForClassification, BertForMLM
 from .tokenizer import Tokenizer, load_tokenizer
 
 _SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
 
 
-def load_source(path: str | Path, head: str = "auto") -> tuple[BertForMLM | BertForClassification, Tokenizer,
-                                                                Optional[dict[str, Any]]]:
-    """(model, tokenizer, classifier metadata) from a jaxbert run, checkpoint or model directory.
+def finetuned_dir(path: Path) -> Optional[Path]:
+    """``path`` itself, or its ``best/``, when it is a finetuned-model directory (holds ``finetuned.json``)."""
+    from .classifier import MARK
 
-    ``head``: ``auto`` (the classifier when one is kept beside the model, else the MLM head), ``mlm`` or
-    ``classifier`` (an error when there is none).
+    for candidate in (path, path / "best"):
+        if (candidate / MARK).is_file():
+            return candidate
+    return None
+
+
+def load_source(path: str | Path) -> tuple[BertForMLM | BertForClassification, Tokenizer, Optional[dict[str, Any]]]:
+    """(model, tokenizer, finetune metadata) from a jaxbert directory.
+
+    A finetuned model (``jaxbert finetune``'s run dir or its ``best/``, or an imported classifier) gives a
+    :class:`BertForClassification` and its ``finetuned.json``; a pretraining run, checkpoint or model directory
+    gives a :class:`BertForMLM` and None.
     """
     from .checkpoint import load_pretrained
+    from .classifier import load_classifier
 
-    if head not in ("auto", "mlm", "classifier"):
-        raise ValueError(f"head {head!r}: expected auto, mlm or classifier")
+    path = Path(path)
+    finetuned = finetuned_dir(path)
+    if finetuned is not None:
+        _, model, tokenizer, meta = load_classifier(finetuned)
+        return model, tokenizer, meta
     _, mlm, tokenizer_path = load_pretrained(path)
-    tokenizer = load_tokenizer(tokenizer_path)
-    found = None if head == "mlm" else load_classifier(Path(tokenizer_path).parent)
-    if found is None:
-        if head == "classifier":
-            raise FileNotFoundError(f"'{path}': no classifier is kept beside this model (classifier.json)")
-        return mlm, tokenizer, None
-    classifier, meta = found
-    params = {k: v for k, v in flat_params(mlm).items() if k.startswith("bert.")}
-    params.update({"classifier.weight": np.asarray(classifier.weight), "classifier.bias": np.asarray(classifier.bias)})
-    model = from_flat(skeleton(mlm.config, int(classifier.bias.shape[0])), params)
-    return model, tokenizer, meta
+    return mlm, load_tokenizer(tokenizer_path), None
+
+
+def label_names(meta: Optional[dict[str, Any]], num_labels: int) -> Optional[dict[str, str]]:
+    """HF ``id2label`` from finetune metadata (``id2label``, or the task's ``labels`` list), when it fits."""
+    if not meta:
+        return None
+    if isinstance(meta.get("id2label"), dict) and len(meta["id2label"]) == num_labels:
+        return {str(k): str(v) for k, v in meta["id2label"].items()}
+    labels = meta.get("labels")
+    if isinstance(labels, list) and len(labels) == num_labels:
+        return {str(i): str(name) for i, name in enumerate(labels)}
+    return None
 
 
 def tokenizer_files(tokenizer: Tokenizer, max_length: int) -> dict[str, dict[str, Any]]:
@@ -77,8 +93,8 @@ def export_hf(model: BertForMLM | BertForClassification, tokenizer: Tokenizer, o
     hf_config = hf_config_from_model(cfg, pad_id=special.pad, cls_id=special.cls, sep_id=special.sep,
                                      num_labels=num_labels)
     if id2label and num_labels is not None and len(id2label) == num_labels:
-        hf_config["id2label"] = {str(k): v for k, v in id2label.items()}
-        hf_config["label2id"] = {v: int(k) for k, v in id2label.items()}
+        hf_config["id2label"] = dict(id2label)
+        hf_config["label2id"] = {name: int(i) for i, name in id2label.items()}
     if not cfg.post_ln and cfg.activation != "gelu" and num_labels is None:
         warnings.warn("RobertaPreLayerNorm's MLM head always uses exact GELU; this model's head uses "
                       f"{cfg.activation}, so HF MLM logits will differ slightly (hidden states are exact)",

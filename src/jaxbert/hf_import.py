@@ -2,39 +2,35 @@
 
 Reads ``config.json``, the weights (``model.safetensors``, a sharded ``model.safetensors.index.json``, or
 ``pytorch_model.bin`` when torch is installed) and the tokenizer (``tokenizer.json`` or ``vocab.txt``), and
-writes a directory :func:`jaxbert.checkpoint.load_pretrained` reads. A classification head, when present, is
-kept beside the model as ``classifier.safetensors`` + ``classifier.json`` (see :func:`load_classifier`), so
-finetuning can reuse it or replace it.
+writes a jaxbert model directory:
+
+* a BertModel / BertForMaskedLM checkpoint becomes a pretrained-model directory
+  (:func:`jaxbert.checkpoint.save_model`; a missing MLM head or pooler is freshly initialised, with a warning);
+* a BertForSequenceClassification checkpoint becomes a finetuned-model directory
+  (:func:`jaxbert.classifier.save_classifier`): encoder and classifier kept, ``finetuned.json`` recording
+  ``num_labels`` and the label names, so ``jaxbert finetune --init`` can reuse the head.
+
+Both also hold ``hf_source.json`` (the original config.json and where it came from).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 from safetensors import SafetensorError, deserialize, safe_open
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from . import config as config_lib
 from .config import Config, ModelConfig
-from .hf_convert import hf_state_to_model, model_config_from_hf, with_mlm_head
-from .model import BertForClassification, BertForMLM
-from .model.layers import Dense
+from .hf_convert import hf_state_to_model, model_config_from_hf
+from .model import BertForClassification
 from .tokenizer import Tokenizer, load_tokenizer
 
-CLASSIFIER_FILE = "classifier.safetensors"
-CLASSIFIER_META = "classifier.json"
 SOURCE_FILE = "hf_source.json"  # the imported config.json, kept for reference (labels, provenance)
 _SAFETENSORS, _INDEX, _TORCH = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 _NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -161,33 +157,14 @@ def _lowercase(tokenizer: Tokenizer) -> bool:
     return bool(getattr(tokenizer.inner.normalizer, "lowercase", True))
 
 
-def _write_classifier(directory: Path, classifier: Dense, hf_config: dict[str, Any]) -> None:
-    data = st_save({"weight": np.asarray(classifier.weight), "bias": np.asarray(classifier.bias)})
-    (directory / CLASSIFIER_FILE).write_bytes(data)
-    num_labels = int(classifier.bias.shape[0])
-    meta = {"num_labels": num_labels, "id2label": hf_config.get("id2label"),
-            "problem_type": hf_config.get("problem_type"), "sha256": hashlib.sha256(data).hexdigest()}
-    (directory / CLASSIFIER_META).write_text(json.dumps(meta, indent=1))
-
-
-def load_classifier(directory: str | Path) -> Optional[tuple[Dense, dict[str, Any]]]:
-    """The classification head kept beside a model directory (``(Dense, metadata)``), or None when there is none.
-
-    ``metadata`` holds ``num_labels`` and, for imported models, HF's ``id2label`` / ``problem_type``.
-    """
-    directory = Path(directory)
-    if not (directory / CLASSIFIER_META).is_file():
-        return None
-    meta = json.loads((directory / CLASSIFIER_META).read_text())
-    data = (directory / CLASSIFIER_FILE).read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise ValueError(f"'{directory / CLASSIFIER_FILE}' is truncated or corrupt (checksum mismatch)")
-    tensors = st_load(data)
-    hidden, labels = tensors["weight"].shape
-    head = Dense(hidden, labels, 0.0, key=jax.random.PRNGKey(0))
-    head = eqx.tree_at(lambda d: (d.weight, d.bias), head, (jnp.asarray(tensors["weight"]),
-                                                             jnp.asarray(tensors["bias"])))
-    return head, meta
+def classifier_meta(hf_config: dict[str, Any], num_labels: int, source: Path) -> dict[str, Any]:
+    """``finetuned.json`` fields for an imported classifier: label names from HF's ``id2label``."""
+    id2label = hf_config.get("id2label") or {}
+    names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)]
+    regression = num_labels == 1 or hf_config.get("problem_type") == "regression"
+    return {"task": "unknown (imported from HuggingFace)", "labels": [] if regression else names,
+            "id2label": {str(i): n for i, n in enumerate(names)}, "problem_type": hf_config.get("problem_type"),
+            "init": str(source.resolve())}
 
 
 def import_hf(source: str | Path, out: str | Path, *, key: Optional[PRNGKeyArray] = None) -> Path:
@@ -209,18 +186,16 @@ def import_hf(source: str | Path, out: str | Path, *, key: Optional[PRNGKeyArray
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.source}: {tokenizer.vocab_size} tokens, but the word embedding "
                          f"matrix has {cfg.vocab_size} rows")
-    mlm, classifier = model, None
-    if isinstance(model, BertForClassification):
-        warnings.warn("weights: a classification model has no MLM head; the MLM head is freshly initialised",
-                      stacklevel=2)
-        mlm = with_mlm_head(model, key=jax.random.fold_in(jax.random.PRNGKey(0) if key is None else key, 1))
-        classifier = model.classifier
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_model(tmp, run_config(cfg, tokenizer), mlm, tokenizer)
-        if classifier is not None:
-            _write_classifier(tmp, classifier, hf_config)
+        if isinstance(model, BertForClassification):  # the finetuned-model format: encoder + head
+            from .classifier import save_classifier
+
+            meta = classifier_meta(hf_config, model.num_labels, source)
+            save_classifier(tmp, run_config(cfg, tokenizer), model, tokenizer, meta)
+        else:
+            save_model(tmp, run_config(cfg, tokenizer), model, tokenizer)
         (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()), "config": hf_config}, indent=1))
         move_into_place(tmp, out)
     except BaseException:
