@@ -308,9 +308,10 @@ def _train_command(args: argparse.Namespace) -> int:
 
     cfg = config_module.from_args(args)
     out = Path(args.out)
+    documents = iter_documents(cfg.data, workers=cfg.impl.workers or None)  # a missing source fails here
     print(f"training a WordPiece tokenizer (vocab {round_vocab_size(cfg.tokenizer.vocab_size)}) "
           f"on {cfg.data.source}")
-    tok = train_tokenizer(iter_documents(cfg.data), cfg.tokenizer, progress=not args.quiet)
+    tok = train_tokenizer(documents, cfg.tokenizer, progress=not args.quiet)
     tok.save(out)
     print(f"saved {tok.vocab_size} tokens (vocab hash {tok.vocab_hash()}) to {out}/tokenizer.json and vocab.txt")
     return 0

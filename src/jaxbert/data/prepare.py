@@ -99,9 +99,9 @@ def resolve_tokenizer(cfg: Config, progress: bool = True) -> Tokenizer:
     if (folder / "tokenizer.json").is_file():
         print(f"reusing the tokenizer trained for these settings: {folder}")
         return load_tokenizer(folder)
+    documents = iter_documents(cfg.data, workers=cfg.impl.workers or None)  # a missing source fails here
     print(f"training a WordPiece tokenizer (vocab {cfg.tokenizer.vocab_size}) on {cfg.data.source}")
-    tokenizer = train_tokenizer(iter_documents(cfg.data, workers=cfg.impl.workers or None), cfg.tokenizer,
-                                progress=progress)
+    tokenizer = train_tokenizer(documents, cfg.tokenizer, progress=progress)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tokenizer.save(tmp)
     _publish(tmp, folder)
