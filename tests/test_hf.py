@@ -224,6 +224,32 @@ def test_import_bfloat16_safetensors(tmp_path):
                                   rounded["bert.embeddings.word_embeddings.weight"])
 
 
+def test_import_sharded_safetensors(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    source = _exported(tmp_path)
+    state = load_file(source / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, source / shard, metadata={"format": "pt"})
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    (source / "model.safetensors").unlink()
+    import_hf(source, tmp_path / "out")
+    back = load_pretrained(tmp_path / "out")[1]
+    np.testing.assert_array_equal(np.asarray(back.bert.layers.qkv.weight[1, :, :32]),
+                                  state["bert.encoder.layer.1.attention.self.query.weight"].T)
+
+
+@pytest.mark.filterwarnings("ignore:weights. no")  # no pooler, no MLM head: both initialised
+def test_token_classification_head_is_not_taken_for_a_sequence_classifier(tmp_path):
+    hf_dir = _hf_bert(tmp_path, "BertForTokenClassification", num_labels=5)
+    with pytest.warns(UserWarning, match="not used: classifier.bias, classifier.weight"):
+        import_hf(hf_dir, tmp_path / "ours")
+    assert isinstance(load_source(tmp_path / "ours")[0], BertForMLM)
+
+
 # --- export, loaded back by transformers ------------------------------------------------------------------------
 
 
@@ -398,6 +424,9 @@ def test_targets_that_exist_and_are_not_empty_are_refused(tmp_path):
     tokenizer = _tokenizer(tmp_path)
     with pytest.raises(ValueError, match="already exists and is not empty"):
         export_hf(_model(tokenizer.vocab_size, True), tokenizer, busy)
+    with pytest.raises(ValueError, match="tokens, but the model's word embedding has"):
+        export_hf(_model(tokenizer.vocab_size + 1, True), tokenizer, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
     assert [p.name for p in busy.iterdir()] == ["keep.txt"] and not _leftovers(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()

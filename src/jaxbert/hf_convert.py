@@ -303,9 +303,13 @@ def _encoder_from_hf(src: _Source, cfg: ModelConfig, layout: str, offset: int) -
     return out
 
 
-def _num_labels(src: _Source, layout: str) -> Optional[int]:
+def _num_labels(src: _Source, layout: str, hf_config: Mapping[str, Any]) -> Optional[int]:
+    """Labels of a sequence-classification head; None when there is none. Heads of other architectures
+    (token classification, multiple choice, QA) are not jaxbert's, and are left unused."""
     key = f"{_CLASSIFIER[layout]['classifier'][0]}.weight"
-    return int(src.tensors[key].shape[0]) if src.has(key) else None
+    architectures = hf_config.get("architectures") or []
+    sequence = not architectures or any(a.endswith("ForSequenceClassification") for a in architectures)
+    return int(src.tensors[key].shape[0]) if sequence and src.has(key) else None
 
 
 def _fresh(module: eqx.Module, prefix: str) -> dict[str, np.ndarray]:
@@ -324,7 +328,7 @@ def hf_state_to_model(state: Mapping[str, Any], hf_config: Mapping[str, Any], *,
     layout = BERT if cfg.post_ln else PRELN
     offset = position_offset(hf_config) if layout == PRELN else 0
     src = _Source(state, layout)
-    num_labels = _num_labels(src, layout)
+    num_labels = _num_labels(src, layout, hf_config)
     k_pool, k_mlm = jax.random.split(jax.random.PRNGKey(0) if key is None else key)
     shell = skeleton(cfg, num_labels)
     src.expected = hf_shapes(shell, pad_id=max(offset - 1, 0))
