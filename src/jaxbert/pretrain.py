@@ -120,11 +120,11 @@ def stop_requests() -> Iterator[Callable[[], Optional[int]]]:
             signal.signal(s, h)
 
 
-def _start(cfg: Config, run_dir: Optional[Path], resume: bool) -> tuple[Config, Path, PreparedData, TrainState,
-                                                                         Progress]:
+def _start(cfg: Config, run_dir: Optional[Path], resume: bool,
+           data: Optional[PreparedData]) -> tuple[Config, Path, PreparedData, TrainState, Progress]:
     """Resolve the run dir, data, tokenizer-sized config and the (fresh or restored) state."""
     if not resume:
-        data = load_data(cfg)
+        data = data or load_data(cfg)
         cfg = config_lib.replace(cfg, model={"vocab_size": data.tokenizer.vocab_size})
         run_dir = new_run_dir(cfg, run_dir)
         return cfg, run_dir, data, init_state(cfg, key=root_keys(cfg)[0]), Progress()
@@ -142,10 +142,13 @@ def _start(cfg: Config, run_dir: Optional[Path], resume: bool) -> tuple[Config, 
     return cfg, run_dir, data, state, progress
 
 
-def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = False,
-             console: bool = True) -> PretrainResult:
-    """Train (or continue) a run; returns where it ended. Raises TrainingDiverged when the loss stays non-finite."""
-    cfg, run_dir, data, state, progress = _start(cfg, run_dir, resume)
+def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = False, console: bool = True,
+             data: Optional[PreparedData] = None) -> PretrainResult:
+    """Train (or continue) a run; returns where it ended. Raises TrainingDiverged when the loss stays non-finite.
+
+    ``data``: an already opened dataset for a fresh run (default: :func:`load_data`).
+    """
+    cfg, run_dir, data, state, progress = _start(cfg, run_dir, resume, data)
     config_lib.save(cfg, run_dir)
     spec = make_spec(cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask)
     trackers = make_trackers(cfg, run_dir, run_dir.name, start_step=progress.step,
