@@ -40,10 +40,10 @@ def _tokenizer(args, cfg):
 
 
 def raw_encode(tokenizer, documents: list[str], batch: int) -> dict:
-    tokenizer.inner.encode_batch_fast(documents[:batch], add_special_tokens=False)  # warm-up
+    tokenizer.encode_batch_raw(documents[:batch])  # warm-up
     tokens, started = 0, time.perf_counter()
     for i in range(0, len(documents), batch):
-        encodings = tokenizer.inner.encode_batch_fast(documents[i:i + batch], add_special_tokens=False)
+        encodings = tokenizer.encode_batch_raw(documents[i:i + batch])
         tokens += sum(len(e.ids) for e in encodings)
     seconds = time.perf_counter() - started
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}

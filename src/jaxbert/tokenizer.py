@@ -82,7 +82,13 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts at once (multi-threaded in Rust), without special tokens."""
-        return [e.ids for e in self._inner.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self.encode_batch_raw(texts)]
+
+    def encode_batch_raw(self, texts: Sequence[str]) -> list[tokenizers.Encoding]:
+        """HF ``Encoding`` objects of many texts, without special tokens; skips character offsets when the
+        installed tokenizers has ``encode_batch_fast`` (0.21+)."""
+        encode = getattr(self._inner, "encode_batch_fast", self._inner.encode_batch)
+        return encode(list(texts), add_special_tokens=False)
 
     def encode_pair(self, a: str, b: Optional[str] = None, max_len: Optional[int] = None) -> PairEncoding:
         """``[CLS] a [SEP] b [SEP]`` (or ``[CLS] a [SEP]``), truncated longest-first to ``max_len`` tokens."""

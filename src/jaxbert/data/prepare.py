@@ -239,7 +239,7 @@ def write_streams(cfg: Config, tokenizer: Tokenizer, out: Path, progress: bool =
     try:
         with _threads(cfg.impl.workers):
             for batch in reader:
-                encodings = tokenizer.inner.encode_batch_fast(batch, add_special_tokens=False)
+                encodings = tokenizer.encode_batch_raw(batch)
                 val = is_validation(np.arange(index, index + len(batch)), cfg.data.val_fraction)
                 ids = [e.ids for e in encodings]
                 writers["train"].write([x for x, v in zip(ids, val) if not v])
