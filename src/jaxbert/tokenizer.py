@@ -278,14 +278,18 @@ def train_tokenizer(documents: Iterable[str], cfg: TokenizerConfig, progress: bo
     target = round_vocab_size(cfg.vocab_size)
     tok = _bert_pipeline(tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##",
                                                                 max_input_chars_per_word=100)), cfg.lowercase)
-    trainer = trainers.WordPieceTrainer(vocab_size=target, min_frequency=cfg.min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), show_progress=progress,
-                                        continuing_subword_prefix="##")
     if length is None:
         length = len(documents) if hasattr(documents, "__len__") else cfg.max_documents  # type: ignore[arg-type]
     if cfg.max_documents is not None:
         documents = _take(documents, cfg.max_documents)
         length = min(length, cfg.max_documents) if length is not None else cfg.max_documents
+    if progress and length is None:  # no count for the Rust progress bar: count documents as they are read
+        from tqdm.auto import tqdm
+
+        documents = tqdm(documents, unit="docs", desc="tokenizer: reading", mininterval=2.0)
+    trainer = trainers.WordPieceTrainer(vocab_size=target, min_frequency=cfg.min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
+                                        show_progress=progress and length is not None)
     tok.train_from_iterator(_batched(documents, _TRAIN_BATCH), trainer=trainer, length=length)
     size = tok.get_vocab_size(with_added_tokens=True)
     if size <= len(SPECIAL_TOKENS):
