@@ -96,7 +96,8 @@ def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Pat
                                      "jaxbert"))
     peer = case.get("peer") or []
     for mode in (["eager", "compile"] if peer is True else peer):
-        result.append(bench.run_json(bench.peer_command(cfg, args, mode), env, 2 * timeout, f"hf-{mode}"))
+        result.append(bench.run_json(bench.peer_command(cfg, args, mode), env, case.get("peer_timeout", 2 * timeout),
+                                     f"hf-{mode}"))
     if dump.is_dir():  # an XLA dump asked for with DUMPDIR in the flags: one archive
         shutil.make_archive(str(out / f"dump-{case['name']}"), "gztar", dump)
     for r in result:
@@ -156,6 +157,8 @@ def main(argv: list[str]) -> int:
                 rows = [{"side": "jaxbert", "case": case["name"], "error": f"{type(err).__name__}: {err}"}]
             by_name[case["name"]] = rows[0] if rows else {}
             all_rows += rows
+            with open(out / "partial.jsonl", "a") as fh:  # survives a run stopped half-way
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
             for r in rows:
                 brief = {k: r.get(k) for k in ("case", "side", "batch", "tokens_per_s", "step_ms", "compile_s",
                                                "peak_gib", "error")}

@@ -130,8 +130,8 @@ def time_train_step(cfg: Config, warmup: int, steps: int, profile_dir: Optional[
     return result
 
 
-_CATEGORIES = (("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "dot")),
-               ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
+_CATEGORIES = (("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
+               ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "dot")),
                ("scatter/gather", ("scatter", "gather", "dynamic")),
                ("reduce/LN fusion", ("reduce", "input_fusion")),
                ("elementwise fusion", ("fusion", "loop", "convert", "add", "copy", "transpose")))
@@ -179,9 +179,9 @@ def summarise_trace(profile_dir: str, steps: int, top: int = 30) -> dict[str, An
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    import jax
-
     cfg = bench_config(args.config, args.batch, args.seq, args.micro_batch, args.precision, tuple(args.overrides))
+    config_lib.apply_xla_flags(cfg.impl)  # as `jaxbert pretrain` does, before the backend starts
+    import jax
     result: dict[str, Any] = {"side": "jaxbert", "config": args.config, "batch": args.batch, "seq": args.seq,
                               "micro_batch": cfg.train.micro_batch, "precision": args.precision,
                               "attention": cfg.impl.attention, "jax": jax.__version__,

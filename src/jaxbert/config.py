@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -153,6 +154,15 @@ class ImplConfig:
     encode_batch: int = 1000  # documents per encode batch during preparation
     log_every: int = 10  # steps between console/JSONL metric fetches
     pad_multiple: int = 32  # GLUE batches are padded to a multiple of this length (bounds recompilation)
+    # XLA flags put ahead of $XLA_FLAGS (which wins) by apply_xla_flags before JAX starts its backend; cuBLAS
+    # instead of Triton matmuls was faster and compiled faster on an H200 (benchmarks/RESULTS.md)
+    xla_flags: str = "--xla_gpu_enable_triton_gemm=false"
+
+
+def apply_xla_flags(impl: ImplConfig) -> None:
+    """Put ``impl.xla_flags`` ahead of ``$XLA_FLAGS``; takes effect only before JAX first uses a device."""
+    if impl.xla_flags:
+        os.environ["XLA_FLAGS"] = f"{impl.xla_flags} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 
 @dataclass(frozen=True)

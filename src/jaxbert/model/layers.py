@@ -7,6 +7,8 @@ float32. Dropout is active only when a PRNG key is passed (``key=None`` means de
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import equinox as eqx
@@ -37,7 +39,35 @@ def cpu_half_workaround(*xs: Array) -> tuple[Array, ...]:
 
 
 def activation(x: Array, name: str) -> Array:
-    return jax.nn.gelu(x, approximate=(name == "gelu_tanh"))
+    """GELU, exact (``gelu``) or with the tanh approximation (``gelu_tanh``); see :func:`gelu`."""
+    return gelu(x, name == "gelu_tanh")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: Array, approximate: bool) -> Array:
+    """``jax.nn.gelu`` with a backward pass that keeps only ``x``: autodiff of the exact GELU saves two more
+    activation-sized intermediates, written in the forward pass and read back in the backward pass (at the
+    FFN width the largest tensors of a layer). The derivative is recomputed from ``x`` in float32 instead."""
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x: Array, approximate: bool) -> tuple[Array, Array]:
+    return jax.nn.gelu(x, approximate=approximate), x
+
+
+def _gelu_bwd(approximate: bool, x: Array, g: Array) -> tuple[Array]:
+    x32 = x.astype(jnp.float32)
+    if approximate:
+        c = math.sqrt(2.0 / math.pi)
+        t = jnp.tanh(c * (x32 + 0.044715 * x32**3))
+        slope = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x32 * x32)
+    else:
+        cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
+        slope = cdf + x32 * jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Dense(eqx.Module):
@@ -66,11 +96,39 @@ class LayerNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale + self.bias
-        return y.astype(x.dtype)
+        return layer_norm(x, self.scale, self.bias, self.eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm over the last axis with float32 statistics; the output has ``x``'s dtype.
+
+    The backward pass keeps ``x`` (compute dtype) and two float32 numbers per row, and recomputes the
+    normalised values; autodiff would keep float32 copies of the whole activation instead.
+    """
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, tuple]:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+    y = (x32 - mean) * rstd * scale + bias
+    return y.astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps: float, res: tuple, g: Array) -> tuple[Array, Array, Array]:
+    x, mean, rstd, scale = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g32 = g.astype(jnp.float32)
+    rows = tuple(range(x.ndim - 1))
+    d_scale, d_bias = jnp.sum(g32 * xhat, axis=rows), jnp.sum(g32, axis=rows)
+    gs = g32 * scale
+    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class Embeddings(eqx.Module):
@@ -149,8 +207,13 @@ class EncoderLayer(eqx.Module):
     def _attend(self, x: Array, mask: Optional[Array], cfg: ModelConfig, implementation: str,
                 key: Optional[PRNGKeyArray]) -> Array:
         b, s, _ = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3, cfg.heads, cfg.head_dim), 3, axis=2)
-        ctx = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, implementation, cfg.attention_dropout, key)
+        # Three matmuls on column blocks of the fused [q | k | v] weight: each output is already a contiguous
+        # (b, s, heads, head_dim) array, where slicing one fused output would copy q, k and v (and concatenate
+        # their gradients) around the attention kernel in every layer.
+        w, bias, n = self.qkv.weight.astype(x.dtype), self.qkv.bias.astype(x.dtype), cfg.hidden
+        q, k, v = ((x @ w[:, i * n:(i + 1) * n] + bias[i * n:(i + 1) * n]).reshape(b, s, cfg.heads, cfg.head_dim)
+                   for i in range(3))
+        ctx = attention(q, k, v, mask, implementation, cfg.attention_dropout, key)
         return self.out(ctx.reshape(b, s, cfg.hidden))
 
     def _feed_forward(self, x: Array, cfg: ModelConfig) -> Array:
