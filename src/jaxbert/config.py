@@ -58,6 +58,7 @@ class TokenizerConfig:
     vocab_size: int = 32768  # size of a trained vocabulary (kept a multiple of 64)
     lowercase: bool = True
     min_frequency: int = 2  # a pair must occur this often to be merged
+    alphabet: int = 1000  # keep the N most frequent characters; rarer ones become [UNK] (as BERT's 1000)
     max_documents: Optional[int] = None  # train on the first N documents only (None: all)
 
 

@@ -289,7 +289,7 @@ def train_tokenizer(documents: Iterable[str], cfg: TokenizerConfig, progress: bo
         documents = tqdm(documents, unit="docs", desc="tokenizer: reading", mininterval=2.0)
     trainer = trainers.WordPieceTrainer(vocab_size=target, min_frequency=cfg.min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
-                                        show_progress=progress and length is not None)
+                                        limit_alphabet=cfg.alphabet, show_progress=progress and length is not None)
     tok.train_from_iterator(_batched(documents, _TRAIN_BATCH), trainer=trainer, length=length)
     size = tok.get_vocab_size(with_added_tokens=True)
     if size <= len(SPECIAL_TOKENS):
