@@ -159,11 +159,15 @@ class WandbTracker:
         self.run.finish()
 
 
+class MissingDependency(ImportError, ValueError):
+    """An optional package is needed but not installed (a ValueError too, so the CLI prints one line)."""
+
+
 def import_wandb() -> Any:
     try:
         import wandb
     except ImportError:
-        raise ImportError("tracking.wandb=true needs the wandb package: pip install wandb "
+        raise MissingDependency("tracking.wandb=true needs the wandb package: pip install wandb "
                           "(or pip install -e \".[wandb]\")") from None
     return wandb
 
