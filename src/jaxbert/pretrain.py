@@ -35,8 +35,8 @@ from .config import Config
 from .data.loader import Prefetcher, get_samples
 from .data.prepare import PreparedData, check_compatible, open_dataset, prepare
 from .tokenizer import load_tokenizer
-from .tracking import Trackers, make_trackers
-from .train import Periodic, StepSpec, TrainState, evaluate, init_state, make_spec, micro_batch_stream, run_loop
+from .tracking import import_wandb, make_trackers
+from .train import Periodic, TrainState, evaluate, init_state, make_spec, micro_batch_stream, run_loop
 
 
 @dataclass
@@ -148,6 +148,8 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
 
     ``data``: an already opened dataset for a fresh run (default: :func:`load_data`).
     """
+    if cfg.tracking.wandb:
+        import_wandb()  # fail before preparing data, not after
     cfg, run_dir, data, state, progress = _start(cfg, run_dir, resume, data)
     config_lib.save(cfg, run_dir)
     spec = make_spec(cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask)
