@@ -158,9 +158,8 @@ def _truncate_longest_first(a: list[int], b: Optional[list[int]], budget: int) -
         return a[:budget], None
     if len(a) + len(b) <= budget:
         return a, b
-    short, long_ = sorted((len(a), len(b)))
-    n_long = short if short > budget else max(short, budget - short)
-    n_short = short
+    n_short = min(len(a), len(b))
+    n_long = n_short if n_short > budget else max(n_short, budget - n_short)
     if n_short + n_long > budget:
         n_short, n_long = budget // 2, budget // 2 + budget % 2
     keep_a, keep_b = (n_long, n_short) if len(a) > len(b) else (n_short, n_long)
@@ -200,9 +199,11 @@ def from_vocab_file(path: str | Path, lowercase: bool = True) -> Tokenizer:
     """A BertWordPiece tokenizer from a published ``vocab.txt`` (one token per line, line number = id)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # only newlines: tokens may hold other breaks
     except UnicodeDecodeError:
         raise ValueError(f"vocabulary file {path}: not UTF-8 text (expected one token per line)") from None
+    if lines and lines[-1] == "":
+        lines.pop()
     vocab: dict[str, int] = {}
     for index, line in enumerate(lines):  # id = line number, as in BERT's own loader
         vocab.setdefault(line.rstrip("\r"), index)
