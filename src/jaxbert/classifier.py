@@ -112,7 +112,14 @@ def build_classifier(start: Start, task: Task, key: jax.Array) -> BertForClassif
     """The model to finetune: the start's classifier, or its (or a random) encoder with a new head from ``key``."""
     if start.classifier is not None:
         return start.classifier
-    return BertForClassification(start.cfg.model, task.num_labels, key=key, bert=start.encoder)
+    return _new_classifier(start.cfg.model, task.num_labels, key, start.encoder)
+
+
+@eqx.filter_jit
+def _new_classifier(model_cfg: Any, num_labels: int, key: jax.Array,
+                    encoder: Optional[BertModel]) -> BertForClassification:
+    """Initialisation under one jit: one compilation instead of one per parameter shape."""
+    return BertForClassification(model_cfg, num_labels, key=key, bert=encoder)
 
 
 # ----------------------------------------------------------------------------------------- save / load

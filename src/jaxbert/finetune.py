@@ -89,9 +89,11 @@ def train_step(model: BertForClassification, opt_state: Any, scale: LossScale, b
     """One optimizer step; pure: ``(model, opt_state, scale, batch, lr, step, key) -> (model, opt_state, scale,
     loss)``. Dropout uses ``fold_in(key, step)``. With fp16 a non-finite step is skipped (dynamic loss scale)."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
+    dropout = model.config.dropout > 0 or model.config.attention_dropout > 0
+    step_key = jax.random.fold_in(key, step) if dropout else None  # no random bits when nothing is dropped
 
     def scaled(p: Any) -> tuple[jax.Array, jax.Array]:
-        loss = batch_loss(eqx.combine(p, static), batch, jax.random.fold_in(key, step), policy, attention)
+        loss = batch_loss(eqx.combine(p, static), batch, step_key, policy, attention)
         return scale.scale_loss(loss), loss
 
     (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(params)
@@ -323,10 +325,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     config_lib.add_config_arguments(parser, default_preset="base")
 
 
-def overrides_from(args: argparse.Namespace, **extra: Optional[str]) -> list[str]:
+def overrides_from(args: argparse.Namespace, overrides: Optional[Sequence[str]] = None,
+                   **extra: Optional[str]) -> list[str]:
+    """Dotlist overrides from the flags (``--glue-dir``, ``extra``) followed by ``overrides`` (default: the
+    positional ones)."""
     out = [f"finetune.glue_dir={args.glue_dir}"] if args.glue_dir else []
     out += [f"finetune.{k}={v}" for k, v in extra.items() if v is not None]
-    return out + list(args.overrides)
+    return out + list(args.overrides if overrides is None else overrides)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

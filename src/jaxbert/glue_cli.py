@@ -98,7 +98,7 @@ def run_task(base: list[str], extra: list[str], args: argparse.Namespace, task: 
 
 def run_glue(args: argparse.Namespace, tasks: Sequence[str], echo: Echo = print) -> GlueReport:
     common, per_task = split_overrides(args.overrides)
-    base = overrides_from(args) + common
+    base = overrides_from(args, common)
     cfg = config_lib.load(args.config, base)
     out_dir = Path(cfg.finetune.out_dir) / (cfg.finetune.run_name or f"glue-{time.strftime('%Y%m%d-%H%M%S')}")
     report = GlueReport(out_dir)
