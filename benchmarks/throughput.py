@@ -112,9 +112,8 @@ def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Pat
 
 def finish(all_rows: list[dict[str, Any]], out: Path) -> str:
     """Apply the run's best ceiling to every row; the table of all cases with ratios to HF compiled."""
-    ceilings = [r["ceiling_tflops"] for r in all_rows if "ceiling_tflops" in r]
-    ceiling = max(ceilings) if ceilings else None
-    lines = [f"bf16 matmul ceiling measured in this run: {ceiling or float('nan'):.0f} TFLOP/s"]
+    ceiling = bench.median_ceiling(all_rows)
+    lines = [f"bf16 matmul ceiling measured in this run (median): {ceiling or float('nan'):.0f} TFLOP/s"]
     for r in all_rows:
         if ceiling and "tokens_per_s" in r:
             r["ceiling_used_tflops"] = ceiling

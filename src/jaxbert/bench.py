@@ -197,6 +197,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- the orchestrator
 
 
+def median_ceiling(rows: list[dict[str, Any]]) -> Optional[float]:
+    """The median of the matmul rates the sides measured (each side measures its own)."""
+    found = sorted(r["ceiling_tflops"] for r in rows if "ceiling_tflops" in r)
+    return found[len(found) // 2] if found else None
+
+
 def run_json(cmd: list[str], env: dict[str, str], timeout: float, label: str) -> dict[str, Any]:
     """Run one side; its last stdout line is a JSON object. Failures come back as ``{"error": ...}``."""
     try:
@@ -289,8 +295,7 @@ def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.peer:
         for mode in ("eager", "compile"):
             rows.append(run_json(peer_command(cfg, args, mode), env, args.timeout, f"hf-{mode}"))
-    ceilings = [r["ceiling_tflops"] for r in rows if "ceiling_tflops" in r]
-    ceiling = max(ceilings) if ceilings else None
+    ceiling = median_ceiling(rows)
     for r in rows:
         r["ceiling_used_tflops"] = ceiling
         if "error" not in r:

@@ -1,0 +1,76 @@
+"""The benchmark's bookkeeping: FLOP formula against the model's real matmul parameters, shapes of the benchmark
+config, the profile summary and the result table. (Timing itself runs on the GPU machine, not in tests.)"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import equinox as eqx
+import jax
+import pytest
+
+from jaxbert import bench, config
+from jaxbert.model import BertModel
+
+
+def test_encoder_flops_are_six_times_the_matmul_weights(tiny_config):
+    model = eqx.filter_eval_shape(BertModel, tiny_config.model, key=jax.random.PRNGKey(0))
+    layers = model.layers
+    weights = sum(d.weight.size for d in (layers.qkv, layers.out, layers.ffn_in, layers.ffn_out))
+    flops = bench.flops_per_token(tiny_config.model, seq=32, predictions=None)
+    assert flops["encoder"] == 6 * weights
+
+
+def test_sparse_head_counts_only_predicted_positions(tiny_config):
+    m = tiny_config.model
+    full = bench.flops_per_token(m, seq=32, predictions=None)
+    sparse = bench.flops_per_token(m, seq=32, predictions=4)
+    assert sparse["head"] == pytest.approx(full["head"] * 4 / 32)
+    assert full["head"] == 6 * (m.hidden * m.hidden + m.hidden * m.vocab_size)
+    assert sparse["attention"] == full["attention"] == 12 * m.layers * 32 * m.hidden
+    assert sparse["total"] == pytest.approx(sparse["encoder"] + sparse["attention"] + sparse["head"])
+
+
+def test_bert_base_figures():
+    cfg = config.load("base")
+    flops = bench.flops_per_token(cfg.model, seq=128, predictions=19)
+    assert flops["total"] / 1e6 == pytest.approx(546.7, abs=0.1)
+
+
+@pytest.mark.parametrize("seq", [128, 512])
+def test_bench_config_shapes(seq):
+    cfg = bench.bench_config("base", batch=64, seq=seq, micro_batch=None, precision="bf16")
+    assert (cfg.data.seq_len, cfg.train.micro_batch, cfg.train.batch_start, cfg.train.batch_end) == (seq, 64, 64, 64)
+    assert cfg.data.max_predictions >= round(cfg.data.mlm_probability * seq)
+    assert cfg.train.precision == "bf16"
+
+
+def _trace(path, events):
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/host:CPU"}}]
+    path.mkdir(parents=True)
+    with gzip.open(path / "perfetto_trace.json.gz", "wt") as fh:
+        json.dump({"traceEvents": meta + events}, fh)
+
+
+def test_summarise_trace_counts_device_time_by_kernel_and_category(tmp_path):
+    events = [{"ph": "X", "pid": 1, "ts": 0, "dur": 600, "name": "nvjet_sm90_gemm"},
+              {"ph": "X", "pid": 1, "ts": 600, "dur": 200, "name": "loop_add_fusion"},
+              {"ph": "X", "pid": 1, "ts": 900, "dur": 100, "name": "cudnn_flash_fprop"},
+              {"ph": "X", "pid": 7, "ts": 0, "dur": 5000, "name": "python host work"}]  # not device time
+    _trace(tmp_path / "plugins" / "profile" / "run", events)
+    out = bench.summarise_trace(str(tmp_path), steps=1)
+    assert out["busy_ms_per_step"] == pytest.approx(0.9)
+    assert out["span_ms_per_step"] == pytest.approx(1.0)
+    assert out["by_category_ms"] == pytest.approx({"gemm": 0.6, "elementwise fusion": 0.2, "attention": 0.1})
+    assert out["top"][0][0] == "nvjet_sm90_gemm"
+
+
+def test_table_shows_ratio_and_errors():
+    good = {"side": "jaxbert", "tokens_per_s": 200.0, "step_ms": 1.0, "mflop_per_token": 5.0, "mfu": 0.5,
+            "compile_s": 1.0, "peak_gib": 1.0}
+    ref = dict(good, side="hf-compile", tokens_per_s=100.0)
+    text = bench.table([good, ref, {"side": "hf-eager", "error": "timed out"}], ref)
+    assert "2.00x" in text and "1.00x" in text and "hf-eager       error: timed out" in text
+    assert bench.median_ceiling([{"ceiling_tflops": 3.0}, {"ceiling_tflops": 1.0}, {}, {"ceiling_tflops": 2.0}]) == 2.0
