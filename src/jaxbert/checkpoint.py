@@ -227,12 +227,13 @@ def load_pretrained(path: str | Path) -> tuple[Config, BertForMLM, Path]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pretrained model '{path}' does not exist")
+    verified = False
     if not (path / MANIFEST).is_file() and (path / CHECKPOINTS).is_dir():
-        latest = latest_checkpoint(path)
+        latest = latest_checkpoint(path)  # verified
         if latest is None:
             raise CheckpointError(f"run '{path}' has no complete checkpoint in {path / CHECKPOINTS}")
-        path = latest
-    cfg, model = _load_model_dir(path, verify=True)
+        path, verified = latest, True
+    cfg, model = _load_model_dir(path, verify=not verified)
     return cfg, model, path / TOKENIZER_DIR
 
 
