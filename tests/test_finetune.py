@@ -181,17 +181,20 @@ def write_fixture_glue(root: Path, rng) -> None:
 
 def test_glue_cli_writes_submission_zip(tmp_path, capsys):
     write_fixture_glue(tmp_path / "glue", np.random.default_rng(3))
+    with open(tmp_path / "glue" / "RTE" / "train.tsv", "a") as handle:
+        handle.write("99\tw1\tw2\tmaybe\n")  # bad data in one task must not stop the others
     vocab = write_vocab(tmp_path / "v.txt", WORDS)
-    code = cli_main(["glue", "--tasks", "stsb,qqp,mnli", "--glue-dir", str(tmp_path / "glue"), "--config", "tiny",
-                     "--no-progress", "model.hidden=32", "model.heads=2", "model.ffn=64", "model.layers=1",
-                     "model.max_positions=64", "data.seq_len=64", "finetune.max_len=32", f"tokenizer.path={vocab}",
-                     "finetune.epochs=1", "finetune.batch_size=8", "finetune.dropout=0.0",
-                     "finetune.attention_dropout=0.0", f"finetune.out_dir={tmp_path / 'runs'}", "finetune.run_name=g",
-                     "mnli:finetune.epochs=2"])
+    args = ["glue", "--tasks", "stsb,qqp,mnli,rte", "--glue-dir", str(tmp_path / "glue"), "--config", "tiny",
+            "--no-progress", "model.hidden=32", "model.heads=2", "model.ffn=64", "model.layers=1",
+            "model.max_positions=64", "data.seq_len=64", "finetune.max_len=32", f"tokenizer.path={vocab}",
+            "finetune.epochs=1", "finetune.batch_size=8", "finetune.dropout=0.0", "finetune.attention_dropout=0.0",
+            f"finetune.out_dir={tmp_path / 'runs'}", "finetune.run_name=g", "mnli:finetune.epochs=2"]
+    code = cli_main(args)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     out = captured.out
     assert "skipped qqp: no directory" in out and "GLUE average over 2 task(s) (stsb, mnli)" in out
+    assert "skipped rte: failed: " in out and "unknown label 'maybe'" in out
     assert "no predictions for CoLA, SST-2, MRPC, QQP, QNLI, RTE, WNLI" in out
     with zipfile.ZipFile(tmp_path / "runs" / "g" / "submission.zip") as archive:
         assert sorted(archive.namelist()) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "STS-B.tsv"]
@@ -204,6 +207,13 @@ def test_glue_cli_writes_submission_zip(tmp_path, capsys):
     assert [line.split("\t")[0] for line in files["AX.tsv"][1:]] == [str(i) for i in range(7)]
     mnli = json.loads((tmp_path / "runs" / "g" / "mnli" / "results.json").read_text())
     assert len(mnli["history"]) == 2 and set(mnli["dev"]) == {"dev_matched", "dev_mismatched"}  # per-task override
+    assert cli_main([*args, "--resume"]) == 0  # finished tasks are reused, AX predicted again from the saved model
+    again = capsys.readouterr().out
+    assert "mnli: reusing the finished run" in again and "stsb: reusing the finished run" in again
+    average = [line for line in out.splitlines() if line.startswith("GLUE average")]
+    assert average and average == [line for line in again.splitlines() if line.startswith("GLUE average")]
+    with zipfile.ZipFile(tmp_path / "runs" / "g" / "submission.zip") as archive:
+        assert archive.read("AX.tsv").decode().splitlines() == files["AX.tsv"]
 
 
 def test_finetune_sweep_and_errors(tmp_path, capsys):

@@ -6,8 +6,9 @@ A finetune starts from one of:
   by ``tokenizer.path`` (for tests and baselines);
 * a pretrained model (a run dir, checkpoint dir or exported model dir, as read by
   :func:`jaxbert.checkpoint.load_pretrained`; also what ``jaxbert import-hf`` writes): its encoder, a new head;
-* a finetuned model written by :func:`save_classifier` (``<finetune run>/best``): encoder and head, whose label
-  count must match the task.
+* a finetuned model written by :func:`save_classifier` (a finetune run dir or its ``best/``, or a
+  ``BertForSequenceClassification`` imported by ``jaxbert import-hf``): encoder and head, whose label count must
+  match the task.
 
 A finetuned directory holds ``config.yaml``, ``model.safetensors`` (BertForClassification tensors by name),
 ``tokenizer/`` and ``finetuned.json`` (task, labels, epoch, dev metrics); it is written atomically.
@@ -89,11 +90,13 @@ def prepare_start(cfg: Config, init: Optional[str], task: Task) -> Start:
     path = Path(init)
     if not path.exists():
         raise FileNotFoundError(f"init '{init}' does not exist (expected a run, checkpoint or model directory)")
+    if not (path / MARK).is_file() and (path / "best" / MARK).is_file():  # a finetune run dir: its best model
+        path = path / "best"
     if (path / MARK).is_file():
         saved, model, _, meta = load_classifier(path)
         if model.num_labels != task.num_labels:
             raise ValueError(f"init '{init}' has a head of {model.num_labels} outputs (finetuned on "
-                             f"{meta.get('task')}), task {task.name} needs {task.num_labels}")
+                             f"{meta.get('task') or 'an unnamed task'}), task {task.name} needs {task.num_labels}")
         tokenizer = _tokenizer_for(cfg, init, path / "tokenizer")
         _check_vocab(tokenizer, saved.model.vocab_size, init)
         run_cfg = finetune_model_config(cfg, saved.model, saved.model.vocab_size)

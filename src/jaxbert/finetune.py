@@ -185,6 +185,14 @@ def make_tracker(cfg: Config, run_dir: Path) -> Trackers:
     return Trackers(trackers)
 
 
+def load_result(run_dir: Path) -> FinetuneResult:
+    """The FinetuneResult of a finished run (from its ``results.json``); ``model`` is left None."""
+    summary = json.loads((run_dir / "results.json").read_text())
+    return FinetuneResult(summary["task"], run_dir, summary["best_epoch"], summary["score"], summary["dev"], None,
+                          {k: Path(v) for k, v in summary["predictions"].items()}, summary["history"],
+                          summary.get("dev_sizes", {}))
+
+
 def _run_dir(cfg: Config, task: Task) -> Path:
     name = cfg.finetune.run_name or f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.finetune.out_dir) / name
@@ -205,10 +213,17 @@ def _train_epoch(state: dict[str, Any], data: TaskData, epoch: int, bar: Any, lo
         pending.append(loss)
         bar.update(1)
         if len(pending) >= cfg.impl.log_every:
-            mean = float(np.mean(jax.device_get(pending)))
+            _log_losses(pending, state["step"], float(lr), epoch, bar, log)
             pending = []
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-            log.log(state["step"], {"loss": mean, "lr": float(lr), "epoch": float(epoch + 1)}, "train")
+    if pending:
+        _log_losses(pending, state["step"], float(lr), epoch, bar, log)
+
+
+def _log_losses(pending: list, step: int, lr: float, epoch: int, bar: Any, log: Trackers) -> None:
+    """Fetch the mean of the losses since the last log (the only device sync of the training loop)."""
+    mean = float(np.mean(jax.device_get(pending)))
+    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+    log.log(step, {"loss": mean, "lr": lr, "epoch": float(epoch + 1)}, "train")
 
 
 def _initial_state(cfg: Config, start: Start, data: TaskData) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -296,7 +311,8 @@ def predict_tests(model: BertForClassification, task: Task, data: TaskData, cfg:
 
 def _write_results(run_dir: Path, result: FinetuneResult) -> None:
     summary = {"task": result.task, "best_epoch": result.best_epoch, "score": result.score, "dev": result.dev,
-               "predictions": {k: str(v) for k, v in result.predictions.items()}, "history": result.history}
+               "dev_sizes": result.dev_sizes, "predictions": {k: str(v) for k, v in result.predictions.items()},
+               "history": result.history}
     tmp = run_dir / ".results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(run_dir / "results.json")

@@ -10,7 +10,9 @@ mean of its metrics (MRPC/QQP: F1 and accuracy; STS-B: Pearson and Spearman) and
 and mismatched accuracies. It is over the tasks that ran (listed with it); the average without WNLI (as in the
 BERT paper) is printed too.
 
-Per-task overrides: ``rte:finetune.epochs=10`` applies to RTE only; plain ``key=value`` to every task.
+Per-task overrides: ``rte:finetune.epochs=10`` applies to RTE only; plain ``key=value`` to every task. A task
+whose data turns out unusable (bad columns, unknown labels) is reported and the others still run.
+``--resume`` with the same ``finetune.run_name`` reuses the tasks already finished.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import config as config_lib
-from .classifier import prepare_start
+from .classifier import load_classifier, prepare_start
 from .config import Config
 from .data.glue import TASKS, Task, get_task, has_split, missing_reason, read_split
 from .data.pairs import encode_split
 from .data.task_data import load_task_data
-from .finetune import (FinetuneResult, add_common_arguments, overrides_from, predict,
+from .finetune import (FinetuneResult, add_common_arguments, load_result, overrides_from, predict,
                        prediction_strings, run, write_predictions)
 from .metrics import DISPLAY, glue_average
 from .precision import Policy
@@ -89,29 +91,45 @@ def predict_ax(report: GlueReport, cfg: Config, echo: Echo) -> None:
 
 def run_task(base: list[str], extra: list[str], args: argparse.Namespace, task: Task, out_dir: Path,
              echo: Echo) -> FinetuneResult:
+    """Finetune one task into ``out_dir/<task>``; with ``--resume``, a finished run there is reused."""
+    if args.resume and (out_dir / task.name / "results.json").is_file():
+        echo(f"{task.name}: reusing the finished run in {out_dir / task.name}")
+        result = load_result(out_dir / task.name)
+        if task.name == "mnli":  # AX needs the model
+            result.cfg, result.model, result.tokenizer, _ = load_classifier(out_dir / task.name / "best")
+        return result
     cfg = config_lib.load(args.config, base + [f"finetune.task={task.name}", f"finetune.out_dir={out_dir}",
                                                f"finetune.run_name={task.name}"] + extra)
     start = prepare_start(cfg, args.init, task)
     data = load_task_data(start.cfg, task, start.tokenizer, echo=echo)
-    return run(start.cfg, start, data, progress=not args.no_progress, echo=echo)
+    result = run(start.cfg, start, data, progress=not args.no_progress, echo=echo)
+    if task.name != "mnli":
+        result.model = None  # only the MNLI model is needed later (AX): free the device memory
+    return result
 
 
 def run_glue(args: argparse.Namespace, tasks: Sequence[str], echo: Echo = print) -> GlueReport:
+    """Finetune every task of ``tasks`` that has data; a task whose data is unusable is reported, not fatal."""
     common, per_task = split_overrides(args.overrides)
     base = overrides_from(args, common)
     cfg = config_lib.load(args.config, base)
+    if args.resume and cfg.finetune.run_name is None:
+        raise ValueError("--resume needs finetune.run_name=<name of the glue run to continue>")
     out_dir = Path(cfg.finetune.out_dir) / (cfg.finetune.run_name or f"glue-{time.strftime('%Y%m%d-%H%M%S')}")
     report = GlueReport(out_dir)
     for name in tasks:
         task = get_task(name)
         reason = skip_reason(task, cfg.finetune.glue_dir)
-        if reason is not None:
-            report.skipped[task.name] = reason
-            echo(f"{task.name}: skipped ({reason})")
-            continue
-        result = run_task(base, per_task.get(task.name, []), args, task, out_dir, echo)
-        report.results[task.name] = result
-        report.predictions.update(result.predictions)
+        if reason is None:
+            try:
+                result = run_task(base, per_task.get(task.name, []), args, task, out_dir, echo)
+                report.results[task.name] = result
+                report.predictions.update(result.predictions)
+                continue
+            except (ValueError, FileNotFoundError) as err:  # bad data or settings for this task only
+                reason = f"failed: {err}"
+        report.skipped[task.name] = reason
+        echo(f"{task.name}: skipped ({reason})")
     if "mnli" in tasks:
         predict_ax(report, cfg, echo)
     return report
@@ -178,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxbert glue", description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="every GLUE task found in the data")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks instead of --all (e.g. rte,mrpc)")
+    parser.add_argument("--resume", action="store_true", help="reuse tasks already finished in the glue run named "
+                        "by finetune.run_name (after a crash or an interruption)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.all == bool(args.tasks):

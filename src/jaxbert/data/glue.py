@@ -246,7 +246,7 @@ def _labels(task: Task, values: list, source: str) -> np.ndarray:
     lookup = {name: i for i, name in enumerate(task.labels)}
     out = np.empty(len(values), np.int32)
     for row, value in enumerate(values):
-        key = str(value).strip() if not isinstance(value, float) or not value.is_integer() else str(int(value))
+        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
         if key not in lookup:
             raise ValueError(f"{source} row {row + 1}: unknown label '{value}' for task {task.name} "
                              f"(expected one of {', '.join(task.labels)})")
@@ -263,13 +263,16 @@ def to_split(task: Task, split: str, table: dict[str, list], source: str, column
     i = _pick(table, columns.index, INDEX_COLUMNS, "index_column", source, False)
     n = len(table[a])
     labels = None
-    if y is not None and not all(v in (None, "", -1) for v in table[y][:50]):  # HF test splits: label -1
+    if y is not None and not all(v in (None, "", -1) for v in table[y]):  # HF test splits hold label -1
         labels = _labels(task, table[y], source)
     elif need_labels:
         raise ValueError(f"{source}: the label column '{y}' is empty (an unlabelled test file used as {split}?)")
     index = [str(v) for v in table[i]] if i is not None else [str(r) for r in range(n)]
-    text = lambda name: ["" if v is None else str(v) for v in table[name]]  # noqa: E731
-    return SplitData(task.name, split, source, text(a), text(b) if b else None, labels, index)
+    return SplitData(task.name, split, source, _texts(table[a]), _texts(table[b]) if b else None, labels, index)
+
+
+def _texts(values: list) -> list[str]:
+    return ["" if v is None else str(v) for v in values]
 
 
 # ------------------------------------------------------------------------------------------------ sources
