@@ -147,6 +147,8 @@ def test_hub_reader_maps_class_ids_and_reports_unreachable_hub(monkeypatch):
 
 
 def test_bad_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no GLUE directory .*missing \(pass --glue-dir DIR"):
+        read_split("rte", "train", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"task rte: no directory .*RTE"):
         read_split("rte", "train", tmp_path)
     write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")

@@ -293,6 +293,8 @@ def find_split(task: Task, split: str, glue_dir: str | Path) -> Optional[tuple[P
 
 def missing_reason(task: Task, split: str, glue_dir: str | Path) -> str:
     folder = Path(glue_dir) / task.folder
+    if not Path(glue_dir).is_dir():
+        return f"no GLUE directory {glue_dir} (pass --glue-dir DIR, or --glue-dir hf for the HuggingFace hub)"
     if not folder.is_dir():
         return f"no directory {folder}"
     looked = ", ".join(s.file for s in task.splits.get(split, ())) or "nothing (no such split)"
