@@ -5,6 +5,7 @@ JAX fixes its device count and its process group when it starts, so each scenari
 * ``devices --devices 8``: one process with 8 CPU devices trains the same tiny model on a 1-device mesh (the
   reference), a data-parallel 8-device mesh and an fsdp 4x2 mesh; checks masks and batch errors under
   sharding; saves an fsdp checkpoint and resumes it on 1 device. Writes ``result.json`` and ``reference.npz``.
+* ``finetune --devices 8``: finetuning steps (dropout on) and predictions, data parallel on 8 devices against 1.
 * ``multi --process-id I --num-processes N --port P --devices D``: one of N processes (D CPU devices each)
   joined through a loopback coordinator; trains the same run; process 0 writes ``multi.json``/``multi.npz`` and
   a checkpoint.
@@ -58,7 +59,13 @@ def train(cfg, mesh, stream, state=None, progress=None, stop_after=None):
     from jaxbert import distributed
     from jaxbert.checkpoint import Progress
     from jaxbert.data.loader import Prefetcher, get_samples
-    from jaxbert.train import evaluate, init_state, make_spec, micro_batch_stream, run_loop
+    from jaxbert.train import (
+        evaluate,
+        init_state,
+        make_spec,
+        micro_batch_stream,
+        run_loop,
+    )
 
     spec = make_spec(cfg, SPECIAL, MASK_ID, mesh)
     if state is None:
@@ -106,6 +113,56 @@ def _error_of(fn) -> str:
     return ""
 
 
+def _finetune(cfg, mesh, batch, steps: int = 2):
+    """``steps`` finetuning steps (dropout on) of a tiny classifier on ``mesh``; (losses, host params, outputs
+    of :func:`jaxbert.finetune.predict_step` on the batch through ``on_mesh_of``)."""
+    import equinox as eqx
+    import jax
+    import numpy as np
+
+    from jaxbert import distributed, finetune
+    from jaxbert.model import BertForClassification
+    from jaxbert.precision import LossScale, Policy
+
+    model = BertForClassification(cfg.model, 3, key=jax.random.PRNGKey(1))
+    optimizer = finetune.make_optimizer(0.01, 1.0)
+    model = distributed.shard_state(model, mesh)
+    opt_state = distributed.shard_state(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
+    scale, key, losses = LossScale.create(dynamic=False), jax.random.PRNGKey(2), []
+    for step in range(steps):
+        model, opt_state, scale, loss = finetune.train_step(
+            model, opt_state, scale, distributed.distribute(batch, mesh), np.float32(1e-3), np.int32(step), key,
+            optimizer=optimizer, policy=Policy(), attention="xla")
+        losses.append(float(loss))
+    outputs = finetune.predict_step(model, *distributed.on_mesh_of(model, batch[:3]), policy=Policy(),
+                                    attention="xla")
+    specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))})
+    return losses, flat_params_of(distributed.to_host(model)), np.asarray(outputs), specs
+
+
+def flat_params_of(tree) -> dict:
+    import equinox as eqx
+    import jax
+    import numpy as np
+
+    return {f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array)))}
+
+
+def _finetune_comparison(cfg, one, dp, stream) -> dict:
+    """Data-parallel finetuning (8 devices) against 1 device, on a padded batch of 16 rows."""
+    import numpy as np
+
+    ids = np.asarray(stream.chunks(np.arange(16), SEQ))
+    mask = np.arange(SEQ)[None, :] < np.repeat([SEQ, SEQ - 9], 8)[:, None]  # bool, some rows padded
+    batch = (ids, np.zeros_like(ids), mask, np.arange(16, dtype=np.int32) % 3, np.ones(16, np.float32))
+    ft_cfg = tiny_config("model.dropout=0.1", "model.attention_dropout=0.1")
+    ref_losses, ref_params, ref_out, _ = _finetune(ft_cfg, one, batch)
+    losses, params, outputs, specs = _finetune(ft_cfg, dp, batch)
+    return {"loss_diff": float(np.max(np.abs(np.subtract(losses, ref_losses)))),
+            "param_diff": max_diff(params, ref_params), "output_diff": float(np.max(np.abs(outputs - ref_out))),
+            "losses": ref_losses, "param_specs": specs}
+
+
 def _devices_scenario(out: Path, stream_path: Path) -> None:
     import equinox as eqx
     import jax
@@ -145,6 +202,7 @@ def _devices_scenario(out: Path, stream_path: Path) -> None:
     result["masks_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, sharded))
     result["masks_sharding"] = str(sharded.input_ids.sharding.spec)
 
+
     # bad input on 8 devices
     result["indivisible_batch_error"] = _error_of(lambda: distributed.global_batch(ids[:6], dp))
     result["bad_fsdp_error"] = _error_of(lambda: distributed.make_mesh(tiny_config("distributed.fsdp=3")))
@@ -159,6 +217,20 @@ def _devices_scenario(out: Path, stream_path: Path) -> None:
                         "param_diff": max_diff(flat_params(distributed.to_host(resumed)), reference),
                         "resumed_device_count": len(jax.tree.leaves(resumed.model)[0].devices())}
     (out / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def _finetune_scenario(out: Path, stream_path: Path) -> None:
+    import jax
+
+    from jaxbert import distributed
+    from jaxbert.data.loader import TokenStream
+
+    cfg = tiny_config()
+    one, dp = distributed.make_mesh(cfg, jax.devices()[:1]), distributed.finetuning_mesh(cfg)
+    result = _finetune_comparison(cfg, one, dp, TokenStream(stream_path, "uint16"))
+    result["devices"] = dp.size
+    result["batch_size_error"] = _error_of(lambda: distributed.finetuning_mesh(tiny_config("finetune.batch_size=12")))
+    (out / "finetune.json").write_text(json.dumps(result, indent=1))
 
 
 def _multi_scenario(out: Path, stream_path: Path, args: argparse.Namespace) -> None:
@@ -190,7 +262,7 @@ def _multi_scenario(out: Path, stream_path: Path, args: argparse.Namespace) -> N
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=("devices", "multi"))
+    parser.add_argument("scenario", choices=("devices", "finetune", "multi"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stream", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=1)
@@ -204,6 +276,8 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.scenario == "devices":
         _devices_scenario(args.out, args.stream)
+    elif args.scenario == "finetune":
+        _finetune_scenario(args.out, args.stream)
     else:
         _multi_scenario(args.out, args.stream, args)
     return 0

@@ -125,6 +125,18 @@ def test_fsdp_checkpoint_resumes_on_one_device(devices_run):
     assert resume["loss_diff"] <= LOSS_TOL and resume["param_diff"] <= PARAM_TOL
 
 
+def test_data_parallel_finetuning_matches_one_device(stream):
+    out = stream.parent / "finetune"
+    _finish([_worker("finetune", "--devices", 8, "--out", out, "--stream", stream)])
+    result = json.loads((out / "finetune.json").read_text())
+    assert result["devices"] == 8 and result["param_specs"] == ["P()"]
+    assert result["loss_diff"] <= LOSS_TOL and result["output_diff"] <= LOSS_TOL
+    assert result["param_diff"] <= PARAM_TOL
+    assert result["losses"][1] != result["losses"][0]  # the second step saw updated parameters
+    assert result["batch_size_error"] == ("a global batch of 12 sequences (finetune.batch_size) does not split "
+                                          "evenly over 8 devices (mesh data=8 x fsdp=1); use a multiple of 8")
+
+
 # ------------------------------------------------------------------------------------------- 2 processes
 
 
@@ -246,7 +258,7 @@ def test_single_device_helpers_are_identities():
     rows = np.arange(12, dtype=np.int32).reshape(4, 3)
     np.testing.assert_array_equal(np.asarray(distributed.global_batch(rows, mesh)), rows)
     np.testing.assert_array_equal(np.asarray(distributed.distribute([rows], mesh)[0]), rows)
-    flag = lambda: True  # noqa: E731
+    flag = lambda: True
     assert distributed.agreed_stop(flag, every=5) is flag and distributed.main_first(lambda: 3) == 3
     distributed.check_same(7, "anything")  # nothing to disagree with
     assert distributed.is_main_process() and distributed.process_split() == (0, 1)

@@ -25,6 +25,7 @@ joined without flags; ``JAXBERT_DISTRIBUTED=1`` forces JAX's own detection. Othe
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import socket
 import sys
@@ -91,7 +92,7 @@ def detected_cluster() -> Optional[tuple[str, int]]:
             if env.opt_in_only_method or not env.is_env_present():
                 continue
             return getattr(env, "name", env.__name__), int(env.get_process_count())
-        except Exception:  # noqa: BLE001 - detection is best effort
+        except Exception:
             continue
     return None
 
@@ -194,6 +195,18 @@ def pretraining_mesh(cfg: Config, log: Callable[[str], None] = print) -> Mesh:
     return mesh
 
 
+def finetuning_mesh(cfg: Config) -> Mesh:
+    """The mesh of a finetuning run: every device of this one process, data parallel (``distributed.fsdp`` is
+    for pretraining); its batch sizes must split over the devices."""
+    if jax.process_count() > 1:
+        raise DistributedError("finetuning runs in one process (on all of its devices); start it without "
+                               "distributed.coordinator")
+    mesh = make_mesh(dataclasses.replace(cfg.distributed, fsdp=1))
+    check_batch(cfg.finetune.batch_size, mesh, "finetune.batch_size")
+    check_batch(cfg.finetune.eval_batch_size, mesh, "finetune.eval_batch_size")
+    return mesh
+
+
 def is_main_process() -> bool:
     """True on the one process that logs, plots and writes files (process 0)."""
     return jax.process_index() == 0
@@ -279,10 +292,6 @@ def describe(mesh: Mesh) -> str:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows over every device; the other dimensions whole."""
     return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def param_spec(shape: Sequence[int], dtype: Any, fsdp: int) -> P:
@@ -375,9 +384,20 @@ def distribute(rows: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, rows)
 
 
-def global_batches(local: Any, mesh: Mesh) -> Any:
-    """:func:`global_batch` over every array of a pytree (e.g. a tuple of ids, masks and labels)."""
-    return jax.tree.map(lambda x: global_batch(x, mesh), local)
+def mesh_of(tree: Any) -> Optional[Mesh]:
+    """The mesh the arrays of ``tree`` were placed on by :func:`shard_state` (None: not on a mesh)."""
+    for leaf in jax.tree.leaves(eqx.filter(tree, eqx.is_array)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+            return sharding.mesh
+    return None
+
+
+def on_mesh_of(model: Any, rows: Any) -> Any:
+    """``rows`` (a batch every process holds whole) distributed over the mesh ``model`` lives on; unchanged
+    when the model is not on a mesh with more than one device."""
+    mesh = mesh_of(model)
+    return rows if mesh is None or mesh.size == 1 else distribute(rows, mesh)
 
 
 def constrain(tree: Any, mesh: Optional[Mesh]) -> Any:
