@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -41,21 +42,27 @@ def _tokenizer(args, cfg):
 
 def raw_encode(tokenizer, documents: list[str], batch: int) -> dict:
     tokenizer.encode_batch_raw(documents[:batch])  # warm-up
-    tokens, started = 0, time.perf_counter()
+    tokens, started, cpu = 0, time.perf_counter(), time.process_time()
     for i in range(0, len(documents), batch):
         encodings = tokenizer.encode_batch_raw(documents[i:i + batch])
         tokens += sum(len(e.ids) for e in encodings)
-    seconds = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return _rates(tokens, time.perf_counter() - started, time.process_time() - cpu)
+
+
+def _rates(tokens: int, seconds: float, cpu_seconds: float) -> dict:
+    """Wall-clock and CPU-time rates: on a machine shared with other jobs the CPU rate (tokens per second of
+    this process's CPU time, all threads) is the steadier measure of the work done per token."""
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_seconds": cpu_seconds,
+            "tokens_per_cpu_s": tokens / cpu_seconds}
 
 
 def preparation(cfg, tokenizer, out: Path) -> dict:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     stats = prep.write_streams(cfg, tokenizer, out, progress=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     documents = sum(s["documents"] for s in stats.values())
     tokens = sum(s["tokens"] for s in stats.values()) - documents  # without the [SEP] separators
-    return {"tokens": tokens, "documents": documents, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"documents": documents, **_rates(tokens, seconds, cpu_seconds)}
 
 
 def loader(stream: TokenStream, batch: int, seq_len: int, steps: int, depth: int) -> dict:
@@ -105,7 +112,9 @@ def main(argv=None) -> int:
         f"{platform.python_implementation()} {platform.python_version()}", "command": " ".join(sys.argv),
         "source": args.source, "documents": prepared["documents"], "characters": chars,
         "vocab_size": tokenizer.vocab_size, "read_seconds": read_seconds, "raw_encode": raw,
-        "preparation": prepared, "ratio": prepared["tokens_per_s"] / raw["tokens_per_s"], "loader": load,
+        "preparation": prepared, "ratio": prepared["tokens_per_s"] / raw["tokens_per_s"],
+        "cpu_ratio": prepared["tokens_per_cpu_s"] / raw["tokens_per_cpu_s"], "loader": load,
+        "load_average": os.getloadavg(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     _report(result)
@@ -115,8 +124,6 @@ def main(argv=None) -> int:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -126,10 +133,11 @@ def _report(r: dict) -> None:
           f"| documents / characters | {r['documents']:,} / {r['characters']:,} |\n"
           f"| reading into memory (1 thread) | {r['read_seconds']:.1f} s |\n"
           f"| raw encode_batch_fast | {raw['tokens']:,} tokens in {raw['seconds']:.1f} s = "
-          f"{raw['tokens_per_s']:,.0f} tokens/s |\n"
+          f"{raw['tokens_per_s']:,.0f} tokens/s; {raw['tokens_per_cpu_s']:,.0f} tokens/CPU-s |\n"
           f"| preparation (read+encode+write) | {prepared['tokens']:,} tokens in {prepared['seconds']:.1f} s = "
-          f"{prepared['tokens_per_s']:,.0f} tokens/s |\n"
-          f"| preparation / raw encode | {100 * r['ratio']:.1f} % |\n"
+          f"{prepared['tokens_per_s']:,.0f} tokens/s; {prepared['tokens_per_cpu_s']:,.0f} tokens/CPU-s |\n"
+          f"| preparation / raw encode | {100 * r['ratio']:.1f} % wall-clock, {100 * r['cpu_ratio']:.1f} % CPU time |\n"
+          f"| load average during the run (1/5/15 min) | {' / '.join(f'{x:.1f}' for x in r['load_average'])} |\n"
           f"| loader {load['batch']}x{load['seq_len']} (direct) | {load['sequences_per_s']:,.0f} sequences/s |\n"
           f"| loader (prefetch thread) | {load['prefetched_sequences_per_s']:,.0f} sequences/s |\n"
           f"| peak RSS | {r['peak_rss_mib']:,.0f} MiB |")

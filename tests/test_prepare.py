@@ -111,7 +111,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(setup, monkeypatch):
     cache = prep.dataset_dir(cfg, tok).parent
     assert list(cache.iterdir()) == []
     # a run killed outright leaves a temporary directory; the next run removes it once its process is gone
-    stale = cache / f"{prep.dataset_dir(cfg, tok).name}.tmp-{2**22 + 12345}"
+    stale = cache / f"0123456789abcdef{prep._tmp_suffix(2**22 + 12345)}"  # any hash, a process that is gone
     (stale / "train.bin").parent.mkdir(parents=True)
     (stale / "train.bin").write_bytes(b"\x00" * 10)
     monkeypatch.undo()

@@ -188,7 +188,7 @@ def _table_files(root: Path, fmt: str) -> list[str]:
 
 
 def _rows_text(rows: Iterable[dict], column: str, where: str) -> Iterator[str]:
-    for index, row in enumerate(rows):
+    for row in rows:
         if column not in row:
             raise CorpusError(f"{where}: no text column '{column}' (set data.text_column); "
                               f"available columns: {', '.join(map(str, row))}")

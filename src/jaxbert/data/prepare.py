@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def resolve_tokenizer(cfg: Config, progress: bool = True) -> Tokenizer:
     documents = iter_documents(cfg.data, workers=cfg.impl.workers or None)  # a missing source fails here
     print(f"training a WordPiece tokenizer (vocab {cfg.tokenizer.vocab_size}) on {cfg.data.source}")
     tokenizer = train_tokenizer(documents, cfg.tokenizer, progress=progress)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp = folder.with_name(f"{folder.name}{_tmp_suffix()}")
     tokenizer.save(tmp)
     _publish(tmp, folder)
     print(f"saved the tokenizer ({tokenizer.vocab_size} tokens) to {folder}")
@@ -126,8 +127,8 @@ def prepare(cfg: Config, tokenizer: Optional[Tokenizer] = None, progress: bool =
         print(f"reusing prepared data: {final}")
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(final)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    _remove_stale(final.parent)
+    tmp = final.with_name(f"{final.name}{_tmp_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -154,11 +155,17 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remove_stale(final: Path) -> None:
-    """Remove temporary directories of earlier runs for the same hash whose process is gone."""
-    for stale in final.parent.glob(f"{final.name}.tmp-*"):
+def _tmp_suffix(pid: Optional[int] = None) -> str:
+    """``.tmp-<host>-<pid>``: names a directory being written (the host keeps shared filesystems apart)."""
+    return f".tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
+def _remove_stale(cache: Path) -> None:
+    """Remove temporary directories left in ``cache`` by runs on this host whose process is gone."""
+    marker = _tmp_suffix(0)[:-1]  # ".tmp-<host>-"
+    for stale in cache.glob(f"*{marker}*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -172,13 +179,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _batched(documents: Iterator[str], size: int) -> Iterator[list[str]]:
+def _batched(documents: Iterator[str], size: int, max_chars: int = 2_000_000) -> Iterator[list[str]]:
+    """Batches of ``size`` documents, cut early at ``max_chars`` characters so memory stays bounded whatever
+    the document lengths (a batch's encodings take ~100 bytes per token)."""
     batch: list[str] = []
+    chars = 0
     for doc in documents:
         batch.append(doc)
-        if len(batch) >= size:
+        chars += len(doc)
+        if len(batch) >= size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -239,9 +250,8 @@ def write_streams(cfg: Config, tokenizer: Tokenizer, out: Path, progress: bool =
     try:
         with _threads(cfg.impl.workers):
             for batch in reader:
-                encodings = tokenizer.encode_batch_raw(batch)
+                ids = [e.ids for e in tokenizer.encode_batch_raw(batch)]  # encodings freed at once
                 val = is_validation(np.arange(index, index + len(batch)), cfg.data.val_fraction)
-                ids = [e.ids for e in encodings]
                 writers["train"].write([x for x, v in zip(ids, val) if not v])
                 writers["validation"].write([x for x, v in zip(ids, val) if v])
                 index += len(batch)
