@@ -76,7 +76,8 @@ def test_filler_rows_do_not_change_the_loss(rte_model):
     enc = encode_split(data, start.tokenizer, 32)
     loss = eqx.filter_jit(lambda m, b: batch_loss(m, b, None, Policy(), "xla"))
     exact, padded = make_batch(enc, np.arange(3), 3, 32), make_batch(enc, np.arange(3), 8, 32)
-    assert float(loss(model, _device_batch(exact))) == pytest.approx(float(loss(model, _device_batch(padded))), rel=1e-6)
+    expected = float(loss(model, _device_batch(exact)))
+    assert float(loss(model, _device_batch(padded))) == pytest.approx(expected, rel=1e-6)
 
 
 def test_weight_decay_mask_skips_biases_and_layernorm(rte_model):
@@ -95,7 +96,8 @@ def test_saved_classifier_round_trip_and_bad_inits(rte_model, tmp_path):
     _, loaded, tokenizer, meta = load_classifier(saved)
     assert meta["num_labels"] == 2 and tokenizer.vocab_hash() == start.tokenizer.vocab_hash()
     enc = encode_split(glue.SplitData("rte", "dev", "m", ["w1 w2"], ["w3"], None, ["0"]), tokenizer, 32)
-    np.testing.assert_array_equal(predict(model, enc, 4, 32, Policy(), "xla"), predict(loaded, enc, 4, 32, Policy(), "xla"))
+    np.testing.assert_array_equal(predict(model, enc, 4, 32, Policy(), "xla"),
+                                  predict(loaded, enc, 4, 32, Policy(), "xla"))
     assert prepare_start(cfg, str(saved), glue.TASKS["rte"]).classifier is not None
     with pytest.raises(ValueError, match=r"head of 2 outputs \(finetuned on rte\), task mnli needs 3"):
         prepare_start(cfg, str(saved), glue.TASKS["mnli"])

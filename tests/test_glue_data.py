@@ -53,7 +53,8 @@ def test_registry_labels_in_glue_order_and_submission_names():
 
 
 def test_cola_train_without_header_test_with_header(tmp_path):
-    write(tmp_path / "CoLA" / "train.tsv", "gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more he ate, the more.\n")
+    write(tmp_path / "CoLA" / "train.tsv",
+          "gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more he ate, the more.\n")
     write(tmp_path / "CoLA" / "test.tsv", "index\tsentence\n0\tBill whistled.\n1\tThe car honked.\n")
     train = read_split("cola", "train", tmp_path)
     assert train.text_a == ["The sailors rode the breeze.", "The more he ate, the more."]

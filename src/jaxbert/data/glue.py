@@ -22,7 +22,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -210,7 +210,8 @@ def read_table(path: str | Path, names: Optional[tuple[str, ...]] = None) -> dic
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError:
-                        raise ValueError(f"file {path} line {number}: not a JSON object (expected JSON lines)") from None
+                        message = f"file {path} line {number}: not JSON (expected one object per line)"
+                        raise ValueError(message) from None
         return _columns_of(records)
     if suffix == ".parquet":
         import pyarrow.parquet as pq

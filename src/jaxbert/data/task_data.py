@@ -38,7 +38,8 @@ def _subsample(data: SplitData, limit: Optional[int], seed: int) -> SplitData:
 
 def _describe(data: SplitData, enc: Encoded, tokenizer: PairTokenizer) -> str:
     lengths = enc.lengths
-    text = f"{data.split}: {len(data)} examples from {data.source}, tokens mean {lengths.mean():.1f} max {lengths.max()}"
+    text = (f"{data.split}: {len(data)} examples from {data.source}, tokens mean {lengths.mean():.1f} "
+            f"max {lengths.max()}")
     truncated = int(np.sum(lengths >= enc.max_len))
     return text + (f", {truncated} truncated to {enc.max_len}" if truncated else "")
 
@@ -83,7 +84,8 @@ def load_task_data(cfg: Config, task: Task, tokenizer: PairTokenizer, *, need_tr
     for position, split in enumerate(task.test_splits):
         file = f.test_file if position == 0 else None
         if file is None and not has_split(task, split, f.glue_dir):
-            echo(f"{task.name}: {missing_reason(task, split, f.glue_dir)}; no {task.submission_name(split)} predictions")
+            reason = missing_reason(task, split, f.glue_dir)
+            echo(f"{task.name}: {reason}; no {task.submission_name(split)} predictions")
             continue
         data = _read(cfg, task, split, file)
         test[split] = (data.index, encode(data))
