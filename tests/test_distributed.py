@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,15 +64,19 @@ def _finish(processes: list[subprocess.Popen], timeout: float = 600) -> list[str
     return outputs
 
 
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory) -> Path:
+def _worker_module():
     sys.path.insert(0, str(WORKER.parent))
     try:
         import dist_worker
     finally:
         sys.path.remove(str(WORKER.parent))
+    return dist_worker
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dist") / "tokens.bin"
-    dist_worker.make_stream(path)
+    _worker_module().make_stream(path)
     return path
 
 
@@ -156,6 +161,22 @@ def test_two_processes_match_one_device(stream, devices_run):
     assert params and all(float(np.max(np.abs(multi[k] - reference[k]))) <= PARAM_TOL for k in params)
     written = sorted(p.name for p in (out / "run" / "checkpoints").iterdir())
     assert written == ["step_00000003"]  # one checkpoint, written once, by process 0
+
+
+def test_two_process_fsdp_checkpoint_restores_in_a_one_device_process(stream, devices_run):
+    from jaxbert import checkpoint
+    from jaxbert.train import init_state
+
+    run = stream.parent / "multi" / "run"
+    if not run.is_dir():
+        pytest.skip("the 2-process run did not complete")
+    dist_worker = _worker_module()
+    cfg = dist_worker.tiny_config()
+    template = eqx.filter_eval_shape(init_state, cfg, key=jax.random.PRNGKey(0))
+    state, progress, _ = checkpoint.restore_latest(run, cfg, template)
+    assert progress.step == 3 and len(jax.devices()) == 1
+    restored, reference = dist_worker.flat_params(state), np.load(devices_run[1] / "reference.npz")
+    assert all(float(np.max(np.abs(restored[k] - reference[k]))) <= PARAM_TOL for k in restored)
 
 
 # ------------------------------------------------------------------------------ start-up and bad input

@@ -34,6 +34,7 @@ import optax
 from tqdm.auto import tqdm
 
 from . import config as config_lib
+from . import distributed
 from .classifier import Start, build_classifier, prepare_start, save_classifier
 from .config import Config
 from .data.glue import Task, get_task
@@ -118,8 +119,8 @@ def predict(model: BertForClassification, enc: Encoded, batch_size: int, pad_mul
     """float32 head outputs ``(n, num_labels)`` in example order; one transfer from the device at the end."""
     rows, outputs = [], []
     for batch in eval_batches(enc, batch_size, pad_multiple):
-        outputs.append(predict_step(model, batch.input_ids, batch.segment_ids, batch.mask, policy=policy,
-                                    attention=attention))
+        ids, segments, mask = distributed.on_mesh_of(model, (batch.input_ids, batch.segment_ids, batch.mask))
+        outputs.append(predict_step(model, ids, segments, mask, policy=policy, attention=attention))
         rows.append(batch.rows)
     result = np.zeros((len(enc), model.num_labels), np.float32)
     for r, out in zip(rows, jax.device_get(outputs)):
@@ -205,8 +206,9 @@ def _train_epoch(state: dict[str, Any], data: TaskData, epoch: int, bar: Any, lo
     for batch in train_batches(data.train, cfg.finetune.batch_size, cfg.impl.pad_multiple, cfg.finetune.seed,
                                epoch):
         lr = env["lrs"][min(state["step"], len(env["lrs"]) - 1)]
+        arrays = distributed.distribute(_device_batch(batch), env["mesh"])  # rows split over the devices
         state["model"], state["opt_state"], state["scale"], loss = train_step(
-            state["model"], state["opt_state"], state["scale"], _device_batch(batch), lr,
+            state["model"], state["opt_state"], state["scale"], arrays, lr,
             np.int32(state["step"]), env["key"], optimizer=env["optimizer"], policy=env["policy"],
             attention=cfg.impl.attention)
         state["step"] += 1
@@ -235,9 +237,11 @@ def _initial_state(cfg: Config, start: Start, data: TaskData) -> tuple[dict[str,
     optimizer = make_optimizer(f.weight_decay, f.clip_norm)
     total = steps_per_epoch(len(data.train), f.batch_size) * f.epochs
     lrs = np.asarray(one_cycle(f.lr, f.warmup_fraction, 0.0)(np.arange(total) / total), np.float32)
-    state = {"model": model, "opt_state": optimizer.init(eqx.filter(model, eqx.is_inexact_array)), "step": 0,
-             "scale": LossScale.create(dynamic=policy.needs_loss_scaling)}
-    return state, {"cfg": cfg, "lrs": lrs, "key": k_train, "optimizer": optimizer, "policy": policy}
+    mesh = distributed.finetuning_mesh(cfg)  # every local device, data parallel
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    state = {"model": distributed.shard_state(model, mesh), "opt_state": distributed.shard_state(opt_state, mesh),
+             "step": 0, "scale": LossScale.create(dynamic=policy.needs_loss_scaling)}
+    return state, {"cfg": cfg, "lrs": lrs, "key": k_train, "optimizer": optimizer, "policy": policy, "mesh": mesh}
 
 
 def _epochs(state: dict[str, Any], env: dict[str, Any], start: Start, data: TaskData, run_dir: Path,

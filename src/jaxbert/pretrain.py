@@ -30,12 +30,13 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import config as config_lib
+from . import distributed
 from .checkpoint import Progress
 from .config import Config
 from .data.loader import Prefetcher, get_samples
 from .data.prepare import PreparedData, check_compatible, open_dataset, prepare
 from .tokenizer import load_tokenizer
-from .tracking import import_wandb, make_trackers
+from .tracking import Trackers, import_wandb, make_trackers
 from .train import Periodic, TrainState, evaluate, init_state, make_spec, micro_batch_stream, run_loop
 
 
@@ -124,7 +125,7 @@ def _start(cfg: Config, run_dir: Optional[Path], resume: bool,
            data: Optional[PreparedData]) -> tuple[Config, Path, PreparedData, TrainState, Progress]:
     """Resolve the run dir, data, tokenizer-sized config and the (fresh or restored) state."""
     if not resume:
-        data = data or load_data(cfg)
+        data = data or distributed.main_first(lambda: load_data(cfg))
         cfg = config_lib.replace(cfg, model={"vocab_size": data.tokenizer.vocab_size})
         run_dir = new_run_dir(cfg, run_dir)
         return cfg, run_dir, data, init_state(cfg, key=root_keys(cfg)[0]), Progress()
@@ -133,7 +134,7 @@ def _start(cfg: Config, run_dir: Optional[Path], resume: bool,
     if not latest:
         raise FileNotFoundError(f"run '{run_dir}' has no checkpoint to resume from")
     tokenizer = load_tokenizer(latest[-1] / ckpt.TOKENIZER_DIR)  # the run's own tokenizer
-    data = load_data(cfg, tokenizer)
+    data = distributed.main_first(lambda: load_data(cfg, tokenizer))
     check_compatible(data.meta, tokenizer, where=f"data for run {run_dir}")
     cfg = config_lib.replace(cfg, model={"vocab_size": tokenizer.vocab_size})
     template = eqx.filter_eval_shape(init_state, cfg, key=root_keys(cfg)[0])
@@ -150,13 +151,17 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
     """
     if cfg.tracking.wandb:
         import_wandb()  # fail before preparing data, not after
+    mesh = distributed.pretraining_mesh(cfg)  # joins a multi-process run first, when one is configured
     cfg, run_dir, data, state, progress = _start(cfg, run_dir, resume, data)
-    config_lib.save(cfg, run_dir)
-    spec = make_spec(cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask)
+    state, main = distributed.shard_state(state, mesh), distributed.is_main_process()
+    distributed.check_same(progress.step, "the step to start from (is the run directory shared?)")
+    if main:
+        config_lib.save(cfg, run_dir)
+    spec = make_spec(cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask, mesh)
     trackers = make_trackers(cfg, run_dir, run_dir.name, start_step=progress.step,
-                             start_elapsed=progress.elapsed_seconds, console=console)
+                             start_elapsed=progress.elapsed_seconds, console=console) if main else Trackers([])
     result = PretrainResult(run_dir, cfg, state, progress, "done", None)
-    held_out, eval_key = eval_batches(cfg, data), root_keys(cfg)[1]
+    held_out, eval_key = distributed.distribute(eval_batches(cfg, data), mesh), root_keys(cfg)[1]
 
     def run_eval(s: TrainState, p: Progress) -> None:
         metrics = evaluate(s.model, held_out, spec, eval_key)
@@ -164,21 +169,28 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
         trackers.log(p.step, metrics, "eval")
 
     def save(s: TrainState, p: Progress) -> None:
+        host = distributed.to_host(s)  # a collective with several processes; the main one writes
+        if not main:
+            return
         try:
-            result.checkpoint = ckpt.save_checkpoint(run_dir, cfg, s, p, data.tokenizer, cfg.train.keep_checkpoints)
+            result.checkpoint = ckpt.save_checkpoint(run_dir, cfg, host, p, data.tokenizer,
+                                                     cfg.train.keep_checkpoints)
         except OSError as err:  # e.g. a full disk: the previous checkpoint stays valid, training goes on
             warnings.warn(f"checkpoint at step {p.step} not written: {err}", stacklevel=1)
 
     if progress.step == 0:
         run_eval(state, progress)
-    samples = lambda start, count: get_samples(data.train, cfg.train.seed, start, count, cfg.data.seq_len)  # noqa
+    split = distributed.process_split()  # each process reads only its slice of every global batch
+    samples = lambda start, count: distributed.global_batch(get_samples(  # noqa: E731
+        data.train, cfg.train.seed, start, count, cfg.data.seq_len, *split), mesh)
     stream = micro_batch_stream(samples, progress.data_position, cfg.train.micro_batch)
     try:
         with stop_requests() as received, _prefetch(stream, cfg.impl.prefetch) as batches:
             hooks = [Periodic(cfg.train.eval_every, run_eval), Periodic(cfg.train.checkpoint_every, save,
                                                                        on_stop=True)]
             state, progress, reason = run_loop(cfg, state, progress, spec, batches, hooks=hooks,
-                                               on_log=trackers.log, should_stop=lambda: received() is not None)
+                                               on_log=trackers.log, should_stop=distributed.agreed_stop(
+                                                   lambda: received() is not None, cfg.impl.log_every))
             result.signal = received()
     finally:
         trackers.close()
@@ -191,7 +203,7 @@ def _prefetch(stream: Iterator[np.ndarray], depth: int) -> Iterator[Iterator[Any
     if depth < 1:
         yield stream
         return
-    with Prefetcher((jax.device_put(x) for x in stream), depth=depth) as prefetched:
+    with Prefetcher(stream, depth=depth) as prefetched:  # the stream yields device arrays (global_batch)
         yield prefetched
 
 
@@ -235,6 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     cfg, run_dir = resolve_config(args)
     result = pretrain(cfg, run_dir=run_dir, resume=args.resume, console=not args.quiet)
+    if not distributed.is_main_process():
+        return 0 if result.reason == "done" else 128 + (result.signal or signal.SIGINT)
     print(summary(result))
     if result.reason == "stopped":
         print(f"stopped at step {result.progress.step}; continue with: jaxbert pretrain --resume "

@@ -26,6 +26,7 @@ import optax
 from .checkpoint import Progress
 from .config import Config
 from .data.mlm import MLMBatch, mask_tokens
+from .distributed import constrain
 from .model import BertForMLM
 from .optim import AdamWSettings, make_optimizer, micro_batches_at, progress_at, schedule_for, set_learning_rate
 from .precision import LossScale, Policy, all_finite
@@ -44,13 +45,14 @@ class StepSpec:
     optimizer: AdamWSettings
     attention: str = "auto"
     remat: bool = False
+    mesh: Any = None  # a jax.sharding.Mesh: the steps pin state/accumulator shardings to it (jaxbert.distributed)
 
 
-def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int) -> StepSpec:
+def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any = None) -> StepSpec:
     """The step settings of a run: precision, masking (ids from the tokenizer), attention implementation."""
     return StepSpec(Policy.from_name(cfg.train.precision), tuple(int(i) for i in special_ids), int(mask_id),
                     cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
-                    AdamWSettings.from_config(cfg.train), cfg.impl.attention, cfg.impl.remat)
+                    AdamWSettings.from_config(cfg.train), cfg.impl.attention, cfg.impl.remat, mesh)
 
 
 class TrainState(eqx.Module):
@@ -83,9 +85,9 @@ class Accumulator(eqx.Module):
     correct_sum: jax.Array
 
 
-def zero_accumulator(model: BertForMLM) -> Accumulator:
+def zero_accumulator(model: BertForMLM, mesh: Any = None) -> Accumulator:
     grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), model)
-    return Accumulator(grads, *(jnp.zeros((), jnp.float32) for _ in range(3)))
+    return constrain(Accumulator(grads, *(jnp.zeros((), jnp.float32) for _ in range(3))), mesh)
 
 
 def _step_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -137,7 +139,8 @@ def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: ja
     grads, (total, (weight, correct)) = eqx.filter_grad(scaled_loss, has_aux=True)(state.model)
     grads = state.loss_scale.unscale(grads)
     summed = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * slots, accum.grads, grads)
-    return Accumulator(summed, accum.loss_sum + total, accum.weight_sum + weight, accum.correct_sum + correct)
+    return constrain(Accumulator(summed, accum.loss_sum + total, accum.weight_sum + weight,
+                                 accum.correct_sum + correct), spec.mesh)
 
 
 def _select(pred: jax.Array, new: Any, old: Any) -> Any:
@@ -163,13 +166,13 @@ def apply_step(lr: jax.Array, state: TrainState, accum: Accumulator,
                "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32),
                "loss_scale": state.loss_scale.scale, "skipped": skipped,
                "skipped_total": new_state.skipped, "consecutive_skipped": new_state.consecutive_skipped}
-    return new_state, jax.tree.map(jnp.zeros_like, accum), metrics
+    return constrain(new_state, spec.mesh), constrain(jax.tree.map(jnp.zeros_like, accum), spec.mesh), metrics
 
 
 def train_step(state: TrainState, micro_batches: Sequence[jax.Array], lr: float,
                spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over the given micro-batches (all of one size); a convenience for tests and tools."""
-    accum = zero_accumulator(state.model)
+    accum = zero_accumulator(state.model, spec.mesh)
     for i, ids in enumerate(micro_batches):
         accum = micro_step(state, accum, jnp.asarray(ids), jnp.int32(i * len(ids)), spec)
     state, _, metrics = apply_step(jnp.float32(lr), state, accum, spec)
@@ -226,7 +229,7 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
     t, mb = cfg.train, cfg.train.micro_batch
     schedule, pending, hook_seconds = schedule_for(t), [], 0.0
     start, base_elapsed, last_log = time.perf_counter(), progress.elapsed_seconds, time.perf_counter()
-    accum, reason = zero_accumulator(state.model), "done"
+    accum, reason = zero_accumulator(state.model, spec.mesh), "done"
     while True:
         elapsed = base_elapsed + time.perf_counter() - start - hook_seconds
         fraction = progress_at(t, progress.step, elapsed)
