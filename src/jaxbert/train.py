@@ -227,11 +227,12 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
     Metrics stay on the device and are fetched (averaged) every ``impl.log_every`` steps only.
     """
     t, mb = cfg.train, cfg.train.micro_batch
-    schedule, pending, hook_seconds = schedule_for(t), [], 0.0
+    schedule, pending, excluded = schedule_for(t), [], 0.0  # excluded: seconds of compilation and hooks
     start, base_elapsed, last_log = time.perf_counter(), progress.elapsed_seconds, time.perf_counter()
+    start_step = progress.step
     accum, reason = zero_accumulator(state.model, spec.mesh), "done"
     while True:
-        elapsed = base_elapsed + time.perf_counter() - start - hook_seconds
+        elapsed = base_elapsed + time.perf_counter() - start - excluded
         fraction = progress_at(t, progress.step, elapsed)
         if (t.budget_minutes is None and progress.step >= t.steps) or (t.budget_minutes is not None and fraction >= 1):
             break
@@ -242,9 +243,13 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
         for i in range(k):
             accum = micro_step(state, accum, jnp.asarray(next(micro_batches)), jnp.int32(i * mb), spec)
         state, accum, metrics = apply_step(jnp.float32(schedule(fraction)), state, accum, spec)
-        elapsed = base_elapsed + time.perf_counter() - start - hook_seconds
+        timed = k * mb  # samples counted for throughput
+        if progress.step == start_step:  # the first step compiles: neither training time nor throughput
+            jax.block_until_ready(metrics)
+            excluded, last_log, timed = time.perf_counter() - start, time.perf_counter(), 0
+        elapsed = base_elapsed + time.perf_counter() - start - excluded
         progress = Progress(progress.step + 1, progress.data_position + k * mb, elapsed)
-        pending.append((metrics, k * mb))
+        pending.append((metrics, k * mb, timed))
         if len(pending) >= max(cfg.impl.log_every, 1):
             now = time.perf_counter()
             on_log(progress.step, _summarise(pending, now - last_log, cfg.data.seq_len, fraction))
@@ -254,7 +259,8 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
         for hook in hooks:
             if hook.every > 0 and progress.step % hook.every == 0:
                 hook.fn(state, progress)
-        hook_seconds += time.perf_counter() - hook_start
+        excluded += time.perf_counter() - hook_start
+        last_log += time.perf_counter() - hook_start  # throughput is of training alone
     if pending:
         on_log(progress.step, _summarise(pending, time.perf_counter() - last_log, cfg.data.seq_len,
                                          progress_at(t, progress.step, progress.elapsed_seconds)))
@@ -268,11 +274,11 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
 
 def _summarise(pending: list, seconds: float, seq_len: int, fraction: float) -> dict[str, float]:
     """Average the pending device metrics (one transfer) and add throughput figures."""
-    fetched = jax.device_get([m for m, _ in pending])
+    fetched = jax.device_get([m for m, _, _ in pending])
     out = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
     for name in ("lr", "loss_scale", "skipped_total", "consecutive_skipped"):
         out[name] = float(fetched[-1][name])
-    samples = sum(n for _, n in pending)
+    samples = sum(timed for _, _, timed in pending)
     out["batch_size"] = float(pending[-1][1])
     out["tokens_per_second"] = samples * seq_len / max(seconds, 1e-9)
     out["progress"] = fraction
