@@ -18,8 +18,9 @@ checkpoints come from :func:`to_host` (a collective: every process calls it), an
 
 Start-up (:func:`initialize`): ``distributed.coordinator`` / ``num_processes`` / ``process_id`` (or the
 environment variables ``JAXBERT_COORDINATOR``, ``JAXBERT_NUM_PROCESSES``, ``JAXBERT_PROCESS_ID``) start a run
-explicitly; a cluster environment JAX knows (SLURM, Open MPI, Kubernetes, Cloud TPU) with more than one task is
-joined without flags; ``JAXBERT_DISTRIBUTED=1`` forces JAX's own detection. Otherwise the run is one process.
+explicitly; a cluster environment JAX knows (SLURM, Open MPI, Cloud TPU) with more than one task is joined
+without flags; ``JAXBERT_DISTRIBUTED=1`` hands start-up to JAX's own detection (also Kubernetes, mpi4py).
+Otherwise the run is one process.
 """
 
 from __future__ import annotations
@@ -77,11 +78,13 @@ def _env_int(name: str) -> Optional[int]:
         raise DistributedError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def detected_cluster() -> Optional[tuple[str, int]]:
-    """(name, process count) of a cluster environment that JAX auto-detects, or None.
+AUTO_CLUSTERS = ("slurm", "ompi", "gcetpu", "gketpu")  # Kubernetes (API calls, a warning in every pod): opt in
 
-    Only JAX's non-opt-in detectors are asked, as ``jax.distributed.initialize()`` would; a failing detector
-    counts as absent.
+
+def detected_cluster() -> Optional[tuple[str, int]]:
+    """(name, process count) of a cluster environment in :data:`AUTO_CLUSTERS` that JAX detects, or None.
+
+    JAX's own detectors are asked (environment variables only); a failing detector counts as absent.
     """
     try:
         from jax._src.clusters import ClusterEnv
@@ -89,7 +92,7 @@ def detected_cluster() -> Optional[tuple[str, int]]:
         return None
     for env in ClusterEnv._cluster_types:
         try:
-            if env.opt_in_only_method or not env.is_env_present():
+            if getattr(env, "name", "") not in AUTO_CLUSTERS or not env.is_env_present():
                 continue
             return getattr(env, "name", env.__name__), int(env.get_process_count())
         except Exception:
