@@ -30,9 +30,10 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -179,7 +180,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _batched(documents: Iterator[str], size: int, max_chars: int = 2_000_000) -> Iterator[list[str]]:
+def batch_documents(documents: Iterable[str], size: int, max_chars: int = 2_000_000) -> Iterator[list[str]]:
     """Batches of ``size`` documents, cut early at ``max_chars`` characters so memory stays bounded whatever
     the document lengths (a batch's encodings take ~100 bytes per token)."""
     batch: list[str] = []
@@ -236,6 +237,24 @@ class _Writer:
         return {"file": Path(self.handle.name).name, "tokens": self.tokens, "documents": self.documents}
 
 
+def _batch_ids(tokenizer: Tokenizer, batch: list[str]) -> list[list[int]]:
+    return [e.ids for e in tokenizer.encode_batch_raw(batch)]  # the Encoding objects are freed at once
+
+
+def _encoded(batches: Iterable[list[str]], tokenizer: Tokenizer) -> Iterator[list[list[int]]]:
+    """Token ids of each batch, in order. The next batch is encoded in a helper thread (the Rust encoder runs
+    without the GIL) while the caller writes the previous one, so the encoder never waits on the writer."""
+    with ThreadPoolExecutor(1, thread_name_prefix="jaxbert-encode") as pool:
+        pending: Optional[Future] = None
+        for batch in batches:
+            job = pool.submit(_batch_ids, tokenizer, batch)
+            if pending is not None:
+                yield pending.result()
+            pending = job
+        if pending is not None:
+            yield pending.result()
+
+
 def write_streams(cfg: Config, tokenizer: Tokenizer, out: Path, progress: bool = True,
                   documents: Optional[Iterator[str]] = None) -> dict[str, dict[str, Any]]:
     """Encode the corpus (or ``documents``) into ``out/train.bin`` and ``out/validation.bin``; return counts."""
@@ -244,18 +263,17 @@ def write_streams(cfg: Config, tokenizer: Tokenizer, out: Path, progress: bool =
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _Writer(out / f"{s}.bin", dtype, tokenizer.special.sep) for s in SPLITS}
     docs = documents if documents is not None else iter_documents(cfg.data, workers=cfg.impl.workers or None)
-    reader = Prefetcher(_batched(docs, cfg.impl.encode_batch), depth=4)
+    reader = Prefetcher(batch_documents(docs, cfg.impl.encode_batch), depth=4)
     bar = tqdm(total=cfg.data.max_documents, unit="docs", desc="prepare", disable=not progress, smoothing=0.1)
     index = 0
     try:
         with _threads(cfg.impl.workers):
-            for batch in reader:
-                ids = [e.ids for e in tokenizer.encode_batch_raw(batch)]  # encodings freed at once
-                val = is_validation(np.arange(index, index + len(batch)), cfg.data.val_fraction)
+            for ids in _encoded(reader, tokenizer):
+                val = is_validation(np.arange(index, index + len(ids)), cfg.data.val_fraction)
                 writers["train"].write([x for x, v in zip(ids, val) if not v])
                 writers["validation"].write([x for x, v in zip(ids, val) if v])
-                index += len(batch)
-                bar.update(len(batch))
+                index += len(ids)
+                bar.update(len(ids))
                 bar.set_postfix(tokens=f"{writers['train'].tokens + writers['validation'].tokens:,}", refresh=False)
     finally:
         reader.close()
