@@ -41,13 +41,13 @@ def majority_baseline(batches: Sequence[np.ndarray], spec: StepSpec, key: jax.Ar
 
 
 def _is_word(tokenizer: Tokenizer, ids: np.ndarray, i: int) -> bool:
-    """A whole, alphabetic word of at least three letters (not a piece of a longer word)."""
+    """A whole alphabetic word (not a piece of a longer word)."""
     token = tokenizer.id_to_token(int(ids[i])) or ""
-    following = tokenizer.id_to_token(int(ids[i + 1])) or "" if i + 1 < len(ids) else ""
-    return token.isalpha() and len(token) >= 3 and not following.startswith("##")
+    following = (tokenizer.id_to_token(int(ids[i + 1])) or "") if i + 1 < len(ids) else ""
+    return token.isalpha() and not following.startswith("##")
 
 
-def fill_mask_examples(model: BertForMLM, tokenizer: Tokenizer, rows: np.ndarray, count: int = 5,
+def fill_mask_examples(model: BertForMLM, tokenizer: Tokenizer, rows: np.ndarray, count: int = 6,
                        window: int = 10, seed: int = 0) -> list[str]:
     """Mask one whole word in each of ``count`` held-out rows; the model's top-3 guesses against the truth."""
     rng = np.random.default_rng(seed)
@@ -84,7 +84,8 @@ def report(result: PretrainResult, baseline: tuple[float, int], tokenizer: Token
              f"  before training: loss {before['loss']:.3f}, accuracy {before['accuracy']:.1%}",
              f"  after training:  loss {after['loss']:.3f}, accuracy {after['accuracy']:.1%} "
              f"({result.progress.step} steps, {result.progress.data_position:,} sequences)",
-             f"  majority baseline (always '{tokenizer.id_to_token(token)}'): accuracy {accuracy:.1%}",
+             f"  unigram baseline (always the most frequent target, '{tokenizer.id_to_token(token)}'): "
+             f"accuracy {accuracy:.1%}",
              f"  ({int(after['predictions']):,} held-out predictions)", ""]
     return "\n".join(lines) + "\n" + summary(result) + f"\ntotal time: {seconds / 60:.1f} min"
 
