@@ -155,3 +155,14 @@ def test_data_made_with_another_tokenizer_is_one_clear_error(root, tmp_path):
     missing = config.load("tiny", _overrides(root, **{"data.source": tmp_path / "nowhere"}))
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
         pretrain.load_data(missing, log=lambda s: None)
+
+
+def test_quickstart_reports_before_after_baseline_and_fill_mask(root):
+    args = _overrides(root, **{"train.steps": 4, "train.run_name": "quick", "train.eval_every": 0})
+    cmd = [sys.executable, "-m", "jaxbert.cli", "quickstart", "--quiet", *args]
+    out = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for expected in ("before training: loss", "after training:  loss", "unigram baseline", "fill-mask",
+                     "(truth:", "checkpoint:"):
+        assert expected in out.stdout
+    assert "4 steps" in out.stdout and ckpt.checkpoint_dirs(root / "runs" / "quick")
