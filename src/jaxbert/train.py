@@ -7,12 +7,14 @@ batch-size ramp) without recompiling anything.
 
 Masking happens inside the step: the state's key is split once per optimizer step, and each row's mask is drawn
 from ``fold_in(mask_key, row index within the step)``, so a step's masks do not depend on how its batch is cut
-into micro-batches. Non-finite gradients skip the update (parameters and optimizer state are kept bitwise),
-halve the fp16 loss scale and are counted in the metrics.
+into micro-batches (dropout, off by default for pretraining, is drawn per micro-batch). Non-finite gradients
+skip the update (parameters and optimizer state are kept bitwise), halve the fp16 loss scale and are counted
+in the metrics.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -85,6 +87,11 @@ class Accumulator(eqx.Module):
     correct_sum: jax.Array
 
 
+# The hot steps use jax.jit, not eqx.filter_jit: filter_jit blocks the host until every call has finished
+# (to surface eqx.error_if messages), so Python could never run ahead of the GPU and each call's dispatch left
+# the device idle (~9 ms of a 59 ms BERT-base step on an H200; benchmarks/RESULTS.md). All their array
+# arguments are pytrees of arrays; the step settings are static.
+@functools.partial(jax.jit, static_argnames="mesh")  # one dispatch instead of ~180 eager zeros
 def zero_accumulator(model: BertForMLM, mesh: Any = None) -> Accumulator:
     grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), model)
     return constrain(Accumulator(grads, *(jnp.zeros((), jnp.float32) for _ in range(3))), mesh)
@@ -111,17 +118,23 @@ def mask_rows(ids: jax.Array, key: jax.Array, offset: jax.Array, spec: StepSpec)
     return jax.vmap(one)(ids, keys)
 
 
-def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
-             key: Optional[jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(summed weighted cross-entropy, (number of predictions, number correct)), float32, sparse logits."""
+def _predictions(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
+                 key: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per-slot float32 cross-entropy and correctness ``(b, m)``, from logits at the masked positions only."""
     logits = model(batch.input_ids, positions=batch.positions, key=key, policy=spec.policy,
                    attention=spec.attention, remat=spec.remat).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
-    correct = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
+    return nll, (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
+
+
+def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
+             key: Optional[jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(summed weighted cross-entropy, (number of predictions, number correct)), float32, sparse logits."""
+    nll, correct = _predictions(model, batch, spec, key)
     return jnp.sum(nll * batch.weights), (jnp.sum(batch.weights), jnp.sum(correct * batch.weights))
 
 
-@eqx.filter_jit(donate="all-except-first")
+@functools.partial(jax.jit, static_argnames="spec", donate_argnums=1)
 def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: jax.Array,
                spec: StepSpec) -> Accumulator:
     """Add one micro-batch's gradients (rows ``offset ...`` of the current step) into ``accum``.
@@ -147,7 +160,7 @@ def _select(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-@eqx.filter_jit(donate="all-except-first")
+@functools.partial(jax.jit, static_argnames="spec", donate_argnums=(1, 2))
 def apply_step(lr: jax.Array, state: TrainState, accum: Accumulator,
                spec: StepSpec) -> tuple[TrainState, Accumulator, dict[str, jax.Array]]:
     """Average the accumulated gradients and update (or skip, when they are not finite); reset ``accum``."""
@@ -182,21 +195,28 @@ def train_step(state: TrainState, micro_batches: Sequence[jax.Array], lr: float,
 @eqx.filter_jit
 def eval_sums(model: BertForMLM, ids: jax.Array, key: jax.Array, offset: jax.Array,
               spec: StepSpec) -> jax.Array:
-    """[loss sum, predictions, correct] of one held-out micro-batch, masked with a fixed key."""
-    total, (weight, correct) = mlm_sums(model, mask_rows(ids, key, offset, spec), spec, None)
-    return jnp.stack([total, weight, correct])
+    """[loss sum, predictions, correct, [MASK]ed predictions, correct among them] of one held-out micro-batch,
+    masked with a fixed key. The last two leave out the 20% of targets shown as themselves or a random token
+    (the former can be copied from the input)."""
+    batch = mask_rows(ids, key, offset, spec)
+    nll, correct = _predictions(model, batch, spec, None)
+    hidden = batch.weights * (jnp.take_along_axis(batch.input_ids, batch.positions, axis=1) == spec.mask_id)
+    sums = [nll * batch.weights, batch.weights, correct * batch.weights, hidden, correct * hidden]
+    return jnp.stack([jnp.sum(x) for x in sums])
 
 
 def evaluate(model: BertForMLM, batches: Sequence[np.ndarray], spec: StepSpec, key: jax.Array) -> dict[str, float]:
-    """Held-out MLM loss and accuracy; the same key and batches give comparable numbers across a run."""
-    sums = jnp.zeros(3, jnp.float32)
+    """Held-out MLM loss and accuracy (all predictions, and ``masked_accuracy`` on [MASK]ed positions only);
+    the same key and batches give comparable numbers across a run."""
+    sums = jnp.zeros(5, jnp.float32)
     offset = 0
     for ids in batches:
         sums = sums + eval_sums(model, jnp.asarray(ids), key, jnp.int32(offset), spec)
         offset += len(ids)
-    total, weight, correct = (float(x) for x in jax.device_get(sums))
+    total, weight, correct, hidden, hidden_correct = (float(x) for x in jax.device_get(sums))
     weight = max(weight, 1.0)
-    return {"loss": total / weight, "accuracy": correct / weight, "predictions": weight}
+    return {"loss": total / weight, "accuracy": correct / weight, "masked_accuracy": hidden_correct / max(hidden, 1.0),
+            "predictions": weight}
 
 
 # --------------------------------------------------------------------------------------------------- the loop
