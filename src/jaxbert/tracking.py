@@ -54,7 +54,8 @@ class ConsoleTracker:
 
     def log(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
         if split != "train":
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("loss", "accuracy"))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                              if k in ("loss", "accuracy", "masked_accuracy"))
             self.bar.write(f"step {step}: {split} {shown}")
             return
         position = round(metrics.get("progress", 0.0) * self.bar.total) if self.by_time else step
@@ -120,11 +121,14 @@ class PlotTracker:
             figure = Figure(figsize=(6, 4), tight_layout=True)
             FigureCanvasAgg(figure)
             axes = figure.add_subplot()
-            for split in ("train", "eval"):
-                points = [(r["step"], r[name]) for r in self.history if r["split"] == split and name in r]
-                if points and not (name == "lr" and split == "eval"):
+            curves = [("train", name, "train"), ("eval", name, "eval")]
+            if name == "accuracy":
+                curves.append(("eval", "masked_accuracy", "eval, [MASK]ed positions"))
+            for split, key, label in curves:
+                points = [(r["step"], r[key]) for r in self.history if r["split"] == split and key in r]
+                if points:
                     xs, ys = zip(*points)
-                    axes.plot(xs, ys, marker="o" if split == "eval" else None, markersize=3, label=split)
+                    axes.plot(xs, ys, marker="o" if split == "eval" else None, markersize=3, label=label)
             axes.set(xlabel="step", title=title)
             if axes.lines:
                 axes.legend()
