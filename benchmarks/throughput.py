@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                       # the recorded suite (see SUITES) -> table + JSON lines
     python benchmarks/throughput.py --suite base          # one case: BERT-base, seq 128, batch 256, with the HF peer
     python benchmarks/throughput.py --cases cases.json    # a list of case objects (keys: see Case below)
+    python benchmarks/throughput.py --suite scaling       # data-parallel (and fsdp) on 1, 2, 4, 8 local GPUs
 
 A case may run another source tree (``src``), or a copy of this one with some model files replaced
 (``overlay``: a folder of .py files copied over ``jaxbert/model``; ``replace``: [file, old, new] edits), which is
@@ -36,6 +37,10 @@ SUITES: dict[str, list[dict[str, Any]]] = {
               dict(BASE, name="mini-128", config="mini"),
               dict(BASE, name="base-128-b1024", batch=1024, steps=4),
               dict(BASE, name="base-128-max", maxbatch=["base-128", "base-128-b1024"], steps=3)],
+    # data-parallel scaling over the GPUs of one host, 256 sequences per device (and the fsdp variant)
+    "scaling": [dict(BASE, name=f"{group}-{n}", group=group, devices=n, batch=256 * n,
+                     set=[f"distributed.fsdp={n if group == 'fsdp' else 1}"])
+                for group in ("dp", "fsdp") for n in (1, 2, 4, 8) if not (group == "fsdp" and n == 1)],
 }
 
 
@@ -78,6 +83,8 @@ def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Pat
             "--steps", str(case.get("steps", 10)), "--warmup", str(case.get("warmup", 3)), *case.get("set", [])]
     if case.get("micro"):
         argv += ["--micro-batch", str(case["micro"])]
+    if case.get("devices", 1) > 1:
+        argv += ["--devices", str(case["devices"])]
     if case.get("profile"):
         argv += ["--profile", str(workdir / f"profile-{case['name']}")]
     args = bench.parse_args(argv)
@@ -102,12 +109,27 @@ def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Pat
         shutil.make_archive(str(out / f"dump-{case['name']}"), "gztar", dump)
     for r in result:
         r["case"] = case["name"]
+        if "group" in case:
+            r["group"], r["devices"] = case["group"], case.get("devices", 1)
         if "error" not in r:
             bench.add_derived(r, cfg, None)
     trace = result[0].get("profile", {}).get("trace") if result else None
     if trace and Path(trace).is_file():
         shutil.copy(trace, out / f"trace-{case['name']}.json.gz")
     return result
+
+
+def scaling_table(rows: list[dict[str, Any]]) -> str:
+    """Tokens/s against the device count; efficiency = tokens/s(N) / (N x tokens/s of the 1-device dp case)."""
+    ok = [r for r in rows if "group" in r and "tokens_per_s" in r and r["side"] == "jaxbert"]
+    one = next((r["tokens_per_s"] for r in ok if r["devices"] == 1), None)
+    lines = [f"{'case':<10} {'devices':>7} {'batch':>6} {'tokens/s':>11} {'per device':>11} {'efficiency':>10}"]
+    for r in sorted(ok, key=lambda r: (r["group"] != "dp", r["devices"])):
+        eff = f"{r['tokens_per_s'] / (r['devices'] * one):.1%}" if one else "-"
+        lines.append(f"{r['case']:<10} {r['devices']:>7} {r['batch']:>6} {r['tokens_per_s']:>11,.0f} "
+                     f"{r['tokens_per_s'] / r['devices']:>11,.0f} {eff:>10}")
+    lines += [f"{r['case']:<10} error: {r['error']}" for r in rows if "group" in r and "error" in r]
+    return "\n".join(lines)
 
 
 def finish(all_rows: list[dict[str, Any]], out: Path) -> str:
@@ -117,13 +139,15 @@ def finish(all_rows: list[dict[str, Any]], out: Path) -> str:
     for r in all_rows:
         if ceiling and "tokens_per_s" in r:
             r["ceiling_used_tflops"] = ceiling
-            r["mfu"] = r["tokens_per_s"] * r["mflop_per_token"] * 1e6 / (ceiling * 1e12)
+            r["mfu"] = r["tokens_per_s"] * r["mflop_per_token"] * 1e6 / (ceiling * 1e12 * r.get("devices", 1))
     reference = next((r for r in all_rows if r["side"] == "hf-compile" and "error" not in r), None)
     for name in dict.fromkeys(r["case"] for r in all_rows):
         rows = [r for r in all_rows if r["case"] == name]
         first = rows[0]
         lines += ["", f"[{name}] {first.get('config', '')} seq {first.get('seq', '')} batch {first.get('batch', '')}"
                   f" {first.get('xla_flags', '')}", bench.table(rows, reference)]
+    if any("group" in r for r in all_rows):
+        lines += ["", scaling_table(all_rows)]
     text = "\n".join(lines)
     (out / "table.txt").write_text(text + "\n")
     with open(out / "results.jsonl", "w") as fh:

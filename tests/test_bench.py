@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -74,3 +77,43 @@ def test_table_shows_ratio_and_errors():
     text = bench.table([good, ref, {"side": "hf-eager", "error": "timed out"}], ref)
     assert "2.00x" in text and "1.00x" in text and "hf-eager       error: timed out" in text
     assert bench.median_ceiling([{"ceiling_tflops": 3.0}, {"ceiling_tflops": 1.0}, {}, {"ceiling_tflops": 2.0}]) == 2.0
+
+
+def test_multi_device_timing_runs_the_same_step_as_one_device(tmp_path):
+    """``--devices 2`` times the data-parallel step on a mesh: after the same steps on the same batches its loss is
+    the one-device loss (fp32, CPU devices forced in a child process), and the worker refuses more devices than
+    there are."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, sys\n"
+        "from jaxbert import bench\n"
+        "cfg = bench.bench_config('tiny', 8, 32, None, 'fp32', ())\n"
+        "rows = [bench.time_train_step(cfg, warmup=1, steps=1, devices=n) for n in (1, 2)]\n"
+        "try:\n"
+        "    bench.time_train_step(cfg, warmup=1, steps=1, devices=3)\n"
+        "    refused = ''\n"
+        "except ValueError as err:\n"
+        "    refused = str(err)\n"
+        "print(json.dumps({'losses': [r['loss'] for r in rows], 'refused': refused}))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, two = result["losses"]
+    assert 1.0 < one < 20.0 and abs(one - two) < 1e-4
+    assert result["refused"] == "--devices 3: only 2 local device(s) here"
+
+
+def test_scaling_table_efficiency_against_one_device():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput", path)
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    rows = [{"side": "jaxbert", "case": "dp-1", "group": "dp", "devices": 1, "batch": 256, "tokens_per_s": 100.0},
+            {"side": "jaxbert", "case": "dp-2", "group": "dp", "devices": 2, "batch": 512, "tokens_per_s": 190.0},
+            {"side": "jaxbert", "case": "dp-4", "group": "dp", "devices": 4, "error": "only 2 local device(s)"}]
+    text = throughput.scaling_table(rows)
+    assert "95.0%" in text and "100.0%" in text and "dp-4       error: only 2 local device(s)" in text

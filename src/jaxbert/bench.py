@@ -15,7 +15,8 @@ Model FLOPs per token (what the model needs; forward + backward = 3 x forward, 2
                                                 sequence (jaxbert's sparse head); m = S for a full head (HF)
 
 Embedding gathers, LayerNorm, GELU, softmax, the loss and the optimizer are not counted (no matmuls).
-MFU = tokens/s * FLOPs/token / (bf16 matmul rate of an 8192^3 product measured in the same run).
+MFU = tokens/s * FLOPs/token / (bf16 matmul rate of an 8192^3 product measured in the same run, times the
+number of devices with ``--devices``; peak memory is that of the first device).
 """
 
 from __future__ import annotations
@@ -84,17 +85,28 @@ def _memory_stats() -> dict[str, int]:
     return jax.devices()[0].memory_stats() or {}
 
 
-def time_train_step(cfg: Config, warmup: int, steps: int, profile_dir: Optional[str] = None) -> dict[str, Any]:
-    """Compile, warm up and time ``steps`` optimizer steps of :func:`jaxbert.train.train_step`."""
+def time_train_step(cfg: Config, warmup: int, steps: int, profile_dir: Optional[str] = None,
+                    devices: int = 1) -> dict[str, Any]:
+    """Compile, warm up and time ``steps`` optimizer steps of :func:`jaxbert.train.train_step`. With ``devices``
+    > 1 the step runs on a mesh of the first ``devices`` local devices (``distributed.fsdp`` sets its parameter
+    axis), the global batch split over them and fed as ``jaxbert pretrain`` feeds it."""
     import jax
     import numpy as np
 
-    from . import train
+    from . import distributed, train
 
     t = cfg.train
     k = t.batch_end // t.micro_batch
     state = train.init_state(cfg, key=jax.random.PRNGKey(0))
-    spec = train.make_spec(cfg, SPECIAL_IDS, SPECIAL_IDS[-1])
+    mesh = None
+    if devices > 1:
+        if devices > jax.local_device_count():
+            raise ValueError(f"--devices {devices}: only {jax.local_device_count()} local device(s) here")
+        mesh = distributed.make_mesh(cfg, jax.local_devices()[:devices])
+        distributed.check_batch(t.micro_batch, mesh, "--micro-batch")
+        state = distributed.shard_state(state, mesh)
+    spec = train.make_spec(cfg, SPECIAL_IDS, SPECIAL_IDS[-1], mesh)
+    place = (lambda rows: rows) if mesh is None else (lambda rows: distributed.global_batch(rows, mesh))
     rng = np.random.default_rng(0)
     pool = [rng.integers(len(SPECIAL_IDS), cfg.model.vocab_size, (t.batch_end, cfg.data.seq_len), dtype=np.int32)
             for _ in range(4)]
@@ -103,7 +115,7 @@ def time_train_step(cfg: Config, warmup: int, steps: int, profile_dir: Optional[
         metrics = None
         for i in range(first, first + count):
             ids = pool[i % len(pool)]
-            micro = [ids[j * t.micro_batch:(j + 1) * t.micro_batch] for j in range(k)]
+            micro = [place(ids[j * t.micro_batch:(j + 1) * t.micro_batch]) for j in range(k)]
             state, metrics = train.train_step(state, micro, t.peak_lr, spec)
         jax.block_until_ready((state, metrics))
         return state, metrics
@@ -190,7 +202,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                               "source": str(Path(__file__).resolve().parent)}
     if args.ceiling and jax.default_backend() == "gpu":
         result["ceiling_tflops"] = jax_matmul_ceiling()
-    result.update(time_train_step(cfg, args.warmup, args.steps, args.profile))
+    result["devices"] = args.devices
+    result.update(time_train_step(cfg, args.warmup, args.steps, args.profile, args.devices))
     return result
 
 
@@ -222,6 +235,8 @@ def jax_command(args: argparse.Namespace, ceiling: bool) -> list[str]:
            "--steps", str(args.steps)]
     if args.micro_batch:
         cmd += ["--micro-batch", str(args.micro_batch)]
+    if args.devices > 1:
+        cmd += ["--devices", str(args.devices)]
     if ceiling:
         cmd.append("--ceiling")
     if args.profile:
@@ -246,7 +261,7 @@ def add_derived(row: dict[str, Any], cfg: Config, ceiling: Optional[float]) -> d
         predictions = min(predictions, round(cfg.data.mlm_probability * cfg.data.seq_len))
     row["mflop_per_token"] = flops_per_token(cfg.model, cfg.data.seq_len, predictions)["total"] / 1e6
     if ceiling and "tokens_per_s" in row:
-        row["mfu"] = row["tokens_per_s"] * row["mflop_per_token"] * 1e6 / (ceiling * 1e12)
+        row["mfu"] = row["tokens_per_s"] * row["mflop_per_token"] * 1e6 / (ceiling * 1e12 * row.get("devices", 1))
     return row
 
 
@@ -273,6 +288,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (default: batch)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--devices", type=int, default=1,
+                   help="data-parallel over this many local devices; --batch stays global (default: 1)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the compiling one")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window (three windows)")
     p.add_argument("--peer", action="store_true", help="also time HF transformers, eager and torch.compile")
