@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
 # The budget run on one GPU: tokenizer + data preparation, pretraining on a time budget, GLUE finetuning.
 # usage: bash benchmarks/budget_run.sh WIKI_DIR GLUE_DIR BUDGET_MINUTES OUT_DIR [overrides for prepare and pretrain...]
-# (benchmarks/budget_run.md records the device command that carried the data and wheels.)
+# (benchmarks/budget_run.md records the device commands that carried the data and wheels.)
+#
+# Safe to run again after a stop: preparation reuses its cache, a pretraining run with a checkpoint in
+# OUT_DIR is resumed (the time budget continues where it stopped), so a budget longer than one device call
+# is covered by repeating the same command on the same (warm) machine. Set PRETRAIN_TIMEOUT (seconds) to stop
+# pretraining with SIGTERM, which saves a checkpoint, before a call's limit.
+# GLUE task groups finetune in parallel processes on the one GPU (each small model leaves it mostly idle);
+# GLUE_GROUPS="mnli sst2,wnli cola,stsb mrpc,rte,qnli,qqp" is the default, one group per process.
 set -euo pipefail
 wiki=$1 glue=$2 minutes=$3 out=$4; shift 4
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 stamp() { date -u +%H:%M:%S; }
 timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)
-tasks=${GLUE_TASKS:-mnli,rte,mrpc,stsb,cola,sst2,wnli,qnli,qqp}  # MNLI first: it matters most
+groups=${GLUE_GROUPS:-mnli sst2,wnli cola,stsb mrpc,rte,qnli,qqp}
 glue_timeout=${GLUE_TIMEOUT:-0}  # seconds for all GLUE tasks (0: no limit)
+pretrain_timeout=${PRETRAIN_TIMEOUT:-0}
+run="$out/run-${minutes}m"
 echo "[$(stamp)] prepare: tokenizer + token stream from $wiki"
 "${timer[@]}" jaxbert prepare --config budget --quiet data.source="$wiki" data.cache_dir=/tmp/jaxbert-cache "$@" \
-  2> >(tee "$out/prepare.time" >&2) | tee "$out/prepare.log"
-echo "[$(stamp)] pretrain: budget $minutes minutes"
-jaxbert pretrain --config budget --quiet --run-dir "$out/run-${minutes}m" data.source="$wiki" \
-  data.cache_dir=/tmp/jaxbert-cache train.budget_minutes="$minutes" train.run_name="budget-${minutes}m" "$@" \
-  2>&1 | tee "$out/pretrain.log"
-echo "[$(stamp)] glue: every task in $glue"
-timeout "$glue_timeout" jaxbert glue --tasks "$tasks" --init "$out/run-${minutes}m" --glue-dir "$glue" --config budget --no-progress \
-  finetune.out_dir="$out/glue-${minutes}m" 2>&1 | tee "$out/glue.log"
+  2> >(tee -a "$out/prepare.time" >&2) | tee -a "$out/prepare.log"
+if [ -d "$run/checkpoints" ] && [ -n "$(ls -A "$run/checkpoints")" ]; then
+  echo "[$(stamp)] pretrain: resuming $run"
+  cmd=(jaxbert pretrain --resume --quiet --run-dir "$run")
+else
+  echo "[$(stamp)] pretrain: budget $minutes minutes"
+  cmd=(jaxbert pretrain --config budget --quiet --run-dir "$run" data.source="$wiki" data.cache_dir=/tmp/jaxbert-cache
+       train.budget_minutes="$minutes" train.run_name="budget-${minutes}m" "$@")
+fi
+timeout -k 60 -s TERM "$pretrain_timeout" "${cmd[@]}" 2>&1 | tee -a "$out/pretrain.log" || true
+if tail -n 1 "$out/pretrain.log" | grep -q "continue with"; then
+  echo "[$(stamp)] pretraining stopped before its budget: run this command again to continue it"
+  exit 0
+fi
+echo "[$(stamp)] glue: task groups '$groups' in parallel, from $glue"
+i=0
+for group in $groups; do
+  i=$((i + 1))
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${GLUE_MEM_FRACTION:-0.2} timeout "$glue_timeout" jaxbert glue --tasks "$group" \
+    --init "$run" --glue-dir "$glue" --config budget --no-progress finetune.out_dir="$out/glue-${minutes}m-$i" \
+    > "$out/glue-$i.log" 2>&1 &
+done
+wait
+cat "$out"/glue-*.log
 echo "[$(stamp)] done"
