@@ -254,7 +254,10 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
     while True:
         elapsed = base_elapsed + time.perf_counter() - start - excluded
         fraction = progress_at(t, progress.step, elapsed)
-        if (t.budget_minutes is None and progress.step >= t.steps) or (t.budget_minutes is not None and fraction >= 1):
+        if t.budget_minutes is not None and fraction >= 1:  # the clock at the stop (logging ran since the step)
+            progress = Progress(progress.step, progress.data_position, max(elapsed, progress.elapsed_seconds))
+            break
+        if t.budget_minutes is None and progress.step >= t.steps:
             break
         if should_stop():
             reason = "stopped"
