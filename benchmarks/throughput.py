@@ -2,12 +2,14 @@
 
     python benchmarks/throughput.py                       # the recorded suite (see SUITES) -> table + JSON lines
     python benchmarks/throughput.py --suite base          # one case: BERT-base, seq 128, batch 256, with the HF peer
-    python benchmarks/throughput.py --cases cases.json    # a list of case objects (keys: see Case below)
+    python benchmarks/throughput.py --cases cases.json    # a list of case objects (keys: below)
     python benchmarks/throughput.py --suite scaling       # data-parallel (and fsdp) on 1, 2, 4, 8 local GPUs
 
 A case may run another source tree (``src``), or a copy of this one with some model files replaced
 (``overlay``: a folder of .py files copied over ``jaxbert/model``; ``replace``: [file, old, new] edits), which is
-how before/after variants are measured in one run. ``maxbatch`` estimates the largest batch without
+how before/after variants are measured in one run. Case keys: name, config, batch, seq, steps, warmup, micro,
+precision (fp32 | bf16 | fp16 | fp8), devices, group, set (config overrides), flags (XLA flags), peer
+(true or a list of eager / compile), profile, src / overlay / replace, maxbatch, timeout, peer_timeout, skip_jax. ``maxbatch`` estimates the largest batch without
 rematerialisation from the peak memory of two earlier cases (linear in the batch) and runs it.
 Results: a table on stdout, ``results.jsonl`` and ``table.txt`` under ``--out``.
 """
@@ -83,6 +85,8 @@ def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Pat
             "--steps", str(case.get("steps", 10)), "--warmup", str(case.get("warmup", 3)), *case.get("set", [])]
     if case.get("micro"):
         argv += ["--micro-batch", str(case["micro"])]
+    if case.get("precision"):
+        argv += ["--precision", case["precision"]]
     if case.get("devices", 1) > 1:
         argv += ["--devices", str(case["devices"])]
     if case.get("profile"):

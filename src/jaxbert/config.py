@@ -95,7 +95,7 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     clip_norm: float = 0.5  # global gradient-norm clipping (0 disables)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (compute dtype; parameters stay fp32)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | fp8 (bf16 + FP8 encoder matmuls); parameters stay fp32
     loss_scale_init: float = 32768.0  # initial dynamic loss scale (fp16 only)
     loss_scale_period: int = 2000  # finite steps before the scale doubles
     max_skipped_steps: int = 20  # stop after this many consecutive non-finite steps
@@ -195,7 +195,7 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-_PRECISIONS = ("fp32", "bf16", "fp16")
+_PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
 
 def validate(cfg: Config) -> Config:

@@ -13,7 +13,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16, "fp8": jnp.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,14 @@ class Policy:
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     output_dtype: Any = jnp.float32
+    fp8: bool = False  # encoder matmuls through float8 operands (jaxbert.model.fp8); compute dtype bf16
 
     @classmethod
     def from_name(cls, name: str) -> "Policy":
+        """``fp32``, ``bf16``, ``fp16``, or ``fp8``: bf16 compute with the encoder layers' matmuls in FP8."""
         if name not in _DTYPES:
             raise ValueError(f"precision '{name}': expected one of {', '.join(_DTYPES)}")
-        return cls(compute_dtype=_DTYPES[name])
+        return cls(compute_dtype=_DTYPES[name], fp8=name == "fp8")
 
     @property
     def needs_loss_scaling(self) -> bool:

@@ -65,7 +65,7 @@ class BertModel(eqx.Module):
         def body(h: Array, inputs: tuple) -> tuple[Array, None]:
             layer_params, layer_key = inputs
             layer = eqx.combine(layer_params, static)
-            return layer(h, mask, cfg, attention, layer_key), None
+            return layer(h, mask, cfg, attention, layer_key, policy.fp8), None
 
         if remat:
             body = jax.checkpoint(body)  # type: ignore[assignment]
@@ -82,7 +82,7 @@ class BertModel(eqx.Module):
         layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.layers)
         for i in range(cfg.layers):
             layer = eqx.combine(jax.tree.map(lambda a: a[i], params), static)
-            x = layer(x, mask, cfg, attention, None if layer_keys is None else layer_keys[i])
+            x = layer(x, mask, cfg, attention, None if layer_keys is None else layer_keys[i], policy.fp8)
         return x if self.final_norm is None else self.final_norm(x)
 
     def pool(self, hidden: Array) -> Array:
