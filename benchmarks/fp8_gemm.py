@@ -1,11 +1,11 @@
-"""FP8 against bf16 on the GEMMs of one BERT layer: does XLA emit FP8 cuBLASLt calls, and how fast are they?
+"""FP8 against bf16 on the GEMMs of one BERT layer, quantisation included: what does FP8 save per GEMM?
 
     python benchmarks/fp8_gemm.py [--tokens 32768] [--hidden 768] [--ffn 3072]
 
 For each (k, n) of the layer (QKV column block, attention output, FFN in, FFN out) it times, forward only and
 forward + backward (the three GEMMs of training), ``x @ w`` in bf16 and :func:`jaxbert.model.fp8.fp8_matmul`
-(quantisation included), and reports whether the compiled program calls an FP8 GEMM (``f8`` in a
-cuBLAS custom call). One JSON line per shape, then a table.
+(quantisation included). One JSON line per shape, then a table. (Whether XLA chose FP8 GEMM kernels shows in
+a profile of the training step: cuBLASLt ``nvjet_sm90_qq...`` / ``qr...`` kernels take e4m3 / e5m2 operands.)
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import jax.numpy as jnp  # noqa: E402
 from jaxbert.model.fp8 import fp8_matmul  # noqa: E402
 
 
-def timed(fn, *args, repeats: int = 20) -> tuple[float, str]:
-    """Mean ms per call over ``repeats`` calls after a warm-up call, and the compiled HLO text."""
+def timed(fn, *args, repeats: int = 20) -> float:
+    """Mean ms per call over ``repeats`` calls after a warm-up call."""
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     t0 = time.perf_counter()
     for _ in range(repeats):
         out = compiled(*args)
     jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / repeats * 1e3, compiled.as_text()
+    return (time.perf_counter() - t0) / repeats * 1e3
 
 
 def main(argv: list[str]) -> int:
@@ -57,18 +57,15 @@ def main(argv: list[str]) -> int:
                                  ("fp8_fwd", fp8_matmul, 2 * m * k * n),
                                  ("bf16_train", train(lambda x, w: x @ w), 6 * m * k * n),
                                  ("fp8_train", train(fp8_matmul), 6 * m * k * n)):
-            ms, hlo = timed(fn, x, w)
+            ms = timed(fn, x, w)
             row[label + "_ms"] = round(ms, 4)
             row[label + "_tflops"] = round(flops / ms / 1e9, 1)
-            if label.startswith("fp8"):
-                row[label + "_f8_gemms"] = sum("f8" in line and "custom-call" in line and "cublas" in line
-                                               for line in hlo.splitlines())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"{'gemm':<10} {'bf16 fwd':>9} {'fp8 fwd':>9} {'bf16 train':>11} {'fp8 train':>10} {'f8 calls':>9}  (ms)")
+    print(f"{'gemm':<10} {'bf16 fwd':>9} {'fp8 fwd':>9} {'bf16 train':>11} {'fp8 train':>10}  (ms)")
     for r in rows:
         print(f"{r['gemm']:<10} {r['bf16_fwd_ms']:>9.3f} {r['fp8_fwd_ms']:>9.3f} {r['bf16_train_ms']:>11.3f} "
-              f"{r['fp8_train_ms']:>10.3f} {r['fp8_train_f8_gemms']:>9}")
+              f"{r['fp8_train_ms']:>10.3f}")
     return 0
 
 
