@@ -40,7 +40,7 @@ def test_overrides_apply_with_types():
     (["model.nope=1"], "model.nope"),  # unknown key
     (["nope.x=1"], "nope"),  # unknown section
     (["model.hidden=abc"], "model.hidden"),  # wrong type
-    (["train.precision=fp8"], "train.precision"),
+    (["train.precision=fp4"], "train.precision"),
     (["train.batch_end=100"], "train.batch_end"),  # not a multiple of micro_batch
     (["impl.attention=flash"], "impl.attention"),
     (["data.max_predictions=0"], "data.max_predictions"),

@@ -49,10 +49,12 @@ def _is_word(tokenizer: Tokenizer, ids: np.ndarray, i: int) -> bool:
 
 def fill_mask_examples(model: BertForMLM, tokenizer: Tokenizer, rows: np.ndarray, count: int = 6,
                        window: int = 10, seed: int = 0) -> list[str]:
-    """Mask one whole word in each of ``count`` held-out rows; the model's top-3 guesses against the truth."""
+    """Mask one whole word in each of ``count`` held-out rows; the model's top-3 guesses against the truth.
+    ``window`` tokens either side are shown (fewer when the rows are short)."""
     rng = np.random.default_rng(seed)
     lines = []
     predict = eqx.filter_jit(lambda m, x, p: jax.nn.softmax(m(x, positions=p), axis=-1))
+    window = max(1, min(window, (rows.shape[1] - 1) // 2))
     for ids in rows[:count]:
         candidates = [i for i in range(window, len(ids) - window) if _is_word(tokenizer, ids, i)]
         if not candidates:
