@@ -44,6 +44,7 @@ def test_overrides_apply_with_types():
     (["train.batch_end=100"], "train.batch_end"),  # not a multiple of micro_batch
     (["impl.attention=flash"], "impl.attention"),
     (["data.max_predictions=0"], "data.max_predictions"),
+    (["data.seq_len=64", "data.max_predictions=9"], "data.max_predictions"),  # 15% of 64 is 10
 ])
 def test_bad_values_fail_at_load_naming_the_key(override, key):
     with pytest.raises(ConfigError) as info:

@@ -73,7 +73,7 @@ def test_rerun_reuses_and_settings_change_the_directory(setup, capsys):
     other = prep.prepare(config.replace(cfg, data={"val_fraction": 0.3}), progress=False)
     assert other != first and (other / "meta.json").is_file()
     assert len(list((first.parent / "tokenizers").iterdir())) == 1  # val_fraction does not retrain
-    not_the_stream = config.replace(cfg, data={"seq_len": 32, "mlm_probability": 0.2})
+    not_the_stream = config.replace(cfg, data={"seq_len": 32, "mlm_probability": 0.2, "max_predictions": 8})
     assert prep.prepare(not_the_stream, progress=False) == first
 
 

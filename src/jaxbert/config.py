@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,10 @@ def validate(cfg: Config) -> Config:
            f"{d.seq_len} exceeds model.max_positions={m.max_positions}")
     _check(0.0 < d.mlm_probability < 1.0, "data.mlm_probability", "must be in (0, 1)")
     _check(0 < d.max_predictions <= d.seq_len, "data.max_predictions", f"must be in [1, seq_len={d.seq_len}]")
+    masked = math.floor(d.mlm_probability * d.seq_len + 0.5)  # positions the masking picks in a full sequence
+    _check(d.max_predictions >= masked, "data.max_predictions",
+           f"{d.max_predictions} would cap the {masked} positions masked per sequence "
+           f"(mlm_probability {d.mlm_probability:g} x seq_len {d.seq_len}); set it to at least {masked}")
     _check(0.0 <= d.val_fraction < 0.5, "data.val_fraction", f"must be in [0, 0.5), got {d.val_fraction}")
     _check(d.format in ("auto", "wikiextractor", "wikidump", "text", "jsonl", "csv", "parquet", "json", "hf"),
            "data.format", f"unknown format {d.format!r}")
