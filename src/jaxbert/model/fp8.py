@@ -6,7 +6,8 @@ recipe). Each operand is scaled by ``fp8_max / amax(|operand|)`` before rounding
 itself ("current scaling"): no state, no history, the same function of the inputs on every step.
 
 On an H200 this trains to the bf16 loss but is ~2% slower for BERT-base at seq 128: the FP8 GEMMs save ~8 ms per
-step, the amax and cast/transpose passes cost ~11 ms (benchmarks/RESULTS.md, "FP8 matmuls"). Delayed scaling
+step, the amax and cast/transpose passes cost ~11 ms; at the BERT-large shape it is 5.8% faster
+(benchmarks/RESULTS.md, "FP8 matmuls"). Delayed scaling
 (scales from earlier steps' amax, carried in the train state) would let the cast fuse into the producers.
 
 The quantise-dequantise pattern ``convert(f8 -> bf16) * scale`` feeding a dot is what XLA's GPU compiler
