@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", False)
+# CLI entry points turn on JAX's persistent compilation cache under $XDG_CACHE_HOME/jaxbert: keep the tests' own
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="jaxbert-tests-cache-"))
 
 # ../shared/data beside the checkout (CI lays it out the same way); JAXBERT_SHARED_DATA overrides.
 SHARED_DATA = Path(os.environ.get("JAXBERT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -83,3 +84,26 @@ def test_replace_validates():
     assert config.replace(cfg, model={"layers": 3}).model.layers == 3
     with pytest.raises(ConfigError, match="model.heads"):
         config.replace(cfg, model={"heads": 3})
+
+
+def test_compilation_cache_setting(tmp_path):
+    """impl.compilation_cache: 'auto' under $XDG_CACHE_HOME/jaxbert, a directory as given, 'off' disabled; applied
+    in a fresh process, where it turns on JAX's persistent cache (compiled executables are written there)."""
+    import subprocess
+    import sys
+
+    from jaxbert.config import compilation_cache_dir
+
+    impl = config.load("tiny").impl
+    assert impl.compilation_cache == "auto"
+    assert compilation_cache_dir(dataclasses.replace(impl, compilation_cache="off")) is None
+    assert compilation_cache_dir(dataclasses.replace(impl, compilation_cache=str(tmp_path))) == tmp_path
+    script = ("import jax, jax.numpy as jnp\nfrom jaxbert import config\n"
+              "folder = config.apply_runtime(config.load('tiny').impl)\n"
+              "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+              "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\nprint(folder)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "xdg" / "jaxbert" / "xla"
+    assert out.stdout.strip() == str(folder) and any(folder.iterdir())

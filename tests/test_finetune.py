@@ -10,7 +10,9 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxbert import config
@@ -19,7 +21,8 @@ from jaxbert.cli import main as cli_main
 from jaxbert.data import glue
 from jaxbert.data.pairs import encode_split, make_batch
 from jaxbert.data.task_data import TaskData
-from jaxbert.finetune import _decay_mask, _device_batch, batch_loss, predict, run
+from jaxbert.finetune import _device_batch, batch_loss, predict, run
+from jaxbert.optim import AdamWSettings, decay_mask
 from jaxbert.precision import Policy
 from jaxbert.tokenizer import load_tokenizer
 
@@ -81,10 +84,13 @@ def test_filler_rows_do_not_change_the_loss(rte_model):
 
 
 def test_weight_decay_mask_skips_biases_and_layernorm(rte_model):
-    mask = _decay_mask(rte_model[2])
+    cfg, _, model = rte_model
+    mask = decay_mask(model, AdamWSettings.for_finetuning(cfg.finetune).no_decay)
     assert mask.classifier.weight and not mask.classifier.bias
     assert mask.bert.embeddings.token and not mask.bert.embeddings.norm.scale
     assert mask.bert.layers.qkv.weight and not mask.bert.layers.qkv.bias and not mask.bert.layers.attn_norm.scale
+    assert mask.bert.pooler.weight  # finetuning trains the pooler; pretraining leaves it alone (not decayed)
+    assert not decay_mask(model, AdamWSettings.from_config(cfg.train).no_decay).bert.pooler.weight
 
 
 # ----------------------------------------------------------------------------------------- inits and errors
@@ -123,6 +129,15 @@ def test_pretrained_checkpoint_init_and_vocab_mismatch(tmp_path):
     no_tokenizer = config.replace(cfg, tokenizer={"path": None})  # the checkpoint's own tokenizer is used
     start = prepare_start(no_tokenizer, str(tmp_path / "good"), glue.TASKS["rte"])
     assert start.encoder is not None and start.cfg.model.dropout == cfg.finetune.dropout
+    np.testing.assert_array_equal(start.encoder.embeddings.token, mlm.bert.embeddings.token)
+    rng = np.random.default_rng(8)
+    enc = encode_split(glue.SplitData("rte", "train", "mem", sentences(rng, 8), sentences(rng, 8),
+                                      rng.integers(0, 2, 8).astype(np.int32), [str(i) for i in range(8)]),
+                       start.tokenizer, 32)
+    for seed in (0, 1):  # as a sweep does: the start's encoder survives the donated training state of a run
+        run_cfg = config.replace(start.cfg, finetune={"epochs": 1, "batch_size": 4, "seed": seed})
+        run(run_cfg, start, TaskData(glue.TASKS["rte"], enc, {"dev": enc}), progress=False, save=False,
+            echo=lambda _: None)
     np.testing.assert_array_equal(start.encoder.embeddings.token, mlm.bert.embeddings.token)
     save_model(tmp_path / "bad", saved_cfg, mlm, load_tokenizer(write_vocab(tmp_path / "big.txt", WORDS + ["x", "y"])))
     with pytest.raises(ValueError, match="embedding of 45 tokens but its tokenizer .* has 47: they do not belong"):
@@ -191,12 +206,14 @@ def test_glue_cli_writes_submission_zip(tmp_path, capsys):
             "model.max_positions=64", "data.seq_len=64", "finetune.max_len=32", f"tokenizer.path={vocab}",
             "finetune.epochs=1", "finetune.batch_size=8", "finetune.dropout=0.0", "finetune.attention_dropout=0.0",
             f"finetune.out_dir={tmp_path / 'runs'}", "finetune.run_name=g", "mnli:finetune.epochs=2"]
-    code = cli_main(args)
+    code = cli_main([*args, "--jobs", "2"])  # two worker processes
     captured = capsys.readouterr()
-    assert code == 0, captured.err
+    assert code == 1, captured.err  # a requested task failed: the others ran, the exit status says so
     out = captured.out
+    assert "glue: 3 task(s), 2 at a time" in out
     assert "skipped qqp: no directory" in out and "GLUE average over 2 task(s) (stsb, mnli)" in out
-    assert "skipped rte: failed: " in out and "unknown label 'maybe'" in out
+    assert "failed rte: " in out and "unknown label 'maybe'" in out
+    assert not (tmp_path / "runs" / "g" / "rte").exists()  # no half-written run folder
     assert "no predictions for CoLA, SST-2, MRPC, QQP, QNLI, RTE, WNLI" in out
     with zipfile.ZipFile(tmp_path / "runs" / "g" / "submission.zip") as archive:
         assert sorted(archive.namelist()) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "STS-B.tsv"]
@@ -209,7 +226,7 @@ def test_glue_cli_writes_submission_zip(tmp_path, capsys):
     assert [line.split("\t")[0] for line in files["AX.tsv"][1:]] == [str(i) for i in range(7)]
     mnli = json.loads((tmp_path / "runs" / "g" / "mnli" / "results.json").read_text())
     assert len(mnli["history"]) == 2 and set(mnli["dev"]) == {"dev_matched", "dev_mismatched"}  # per-task override
-    assert cli_main([*args, "--resume"]) == 0  # finished tasks are reused, AX predicted again from the saved model
+    assert cli_main([*args, "--resume", "--jobs", "1"]) == 1  # finished tasks are reused, AX predicted again
     again = capsys.readouterr().out
     assert "mnli: reusing the finished run" in again and "stsb: reusing the finished run" in again
     average = [line for line in out.splitlines() if line.startswith("GLUE average")]
@@ -239,3 +256,129 @@ def test_finetune_sweep_and_errors(tmp_path, capsys):
     assert "predicted by the mnli model" in capsys.readouterr().err
     assert cli_main(["finetune", "--task", "rte", "--sweep", "--lrs", "fast", *base]) == 1
     assert "--lrs 'fast': expected comma-separated numbers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- training core
+
+
+def _reference_step(model, opt_state, batch, lr, optimizer):
+    """The finetuning update as it was before the shared core: plain optax AdamW (betas 0.9/0.999, eps 1e-6, no
+    decay on biases and LayerNorm scales), global-norm clipping 1.0, no dropout."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    loss, grads = jax.value_and_grad(lambda p: batch_loss(eqx.combine(p, static), batch, None, Policy(), "xla"))(params)
+    opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return eqx.combine(optax.apply_updates(params, updates), static), opt_state, loss
+
+
+def test_shared_fused_step_equals_the_old_finetuning_update(rte_model):
+    """Six steps of the training core (fused_step with the finetuning objective) give the losses and parameters
+    of the old finetuning step on the same batches."""
+    from jaxbert.finetune import ClassificationLoss
+    from jaxbert.precision import LossScale
+    from jaxbert.train import fused_step, new_state
+
+    cfg, start, model = rte_model
+    rng = np.random.default_rng(5)
+    data = glue.SplitData("rte", "train", "mem", sentences(rng, 40), sentences(rng, 40),
+                          rng.integers(0, 2, 40).astype(np.int32), [str(i) for i in range(40)])
+    enc = encode_split(data, start.tokenizer, 32)
+    batches = [_device_batch(make_batch(enc, np.arange(i % 2 * 8, i % 2 * 8 + 8), 8, 32)) for i in (0, 0, 0, 0, 0, 1)]
+    lrs = [3e-3, 1e-2, 1e-2, 1e-2, 1e-2, 3e-3]
+    settings = AdamWSettings.for_finetuning(cfg.finetune)
+    assert (settings.b1, settings.b2, settings.eps, settings.clip_norm) == (0.9, 0.999, 1e-6, 1.0)
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].name not in ("bias", "scale"), params)
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw, static_args="mask")(
+        learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=cfg.finetune.weight_decay, mask=mask))
+    ref_model, ref_opt, ref_losses = model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)), []
+    for batch, lr in zip(batches, lrs):
+        ref_model, ref_opt, loss = _reference_step(ref_model, ref_opt, batch, lr, optimizer)
+        ref_losses.append(float(loss))
+    state = new_state(_copy_model(model), settings, LossScale.create(dynamic=False), jax.random.PRNGKey(1))
+    losses = []
+    for batch, lr in zip(batches, lrs):
+        state, metrics = fused_step(state, batch, np.float32(lr), ClassificationLoss(Policy(), "xla"), settings)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[4] < losses[0] - 0.01  # the same batch, five times: the loss falls
+    for new, old in zip(jax.tree.leaves(state.model), jax.tree.leaves(ref_model)):
+        np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-6)
+    assert int(state.step) == 6 and int(state.skipped) == 0
+
+
+def _copy_model(model):
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, model)
+
+
+def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_finetuning(rte_model, tmp_path):
+    """A NaN label makes the loss non-finite: the step is skipped (parameters kept bitwise); a run of such steps
+    stops finetuning with a clear error."""
+    from jaxbert.finetune import ClassificationLoss
+    from jaxbert.precision import LossScale
+    from jaxbert.train import TrainingDiverged, fused_step, new_state
+
+    cfg, start, model = rte_model
+    regression = build_classifier(start, glue.TASKS["stsb"], jax.random.PRNGKey(2))
+    rng = np.random.default_rng(6)
+    data = glue.SplitData("stsb", "train", "mem", sentences(rng, 8), sentences(rng, 8),
+                          np.array([1.0, np.nan] + [2.0] * 6, np.float32), [str(i) for i in range(8)])
+    enc = encode_split(data, start.tokenizer, 32)
+    settings = AdamWSettings.for_finetuning(cfg.finetune)
+    state = new_state(_copy_model(regression), settings, LossScale.create(dynamic=False), jax.random.PRNGKey(1))
+    before = [np.asarray(x) for x in jax.tree.leaves(state.model)]
+    state, metrics = fused_step(state, _device_batch(make_batch(enc, np.arange(8), 8, 32)), np.float32(1e-3),
+                                ClassificationLoss(Policy(), "xla"), settings)
+    assert int(metrics["skipped"]) == 1 and int(state.consecutive_skipped) == 1
+    for new, old in zip(jax.tree.leaves(state.model), before):
+        np.testing.assert_array_equal(new, old)
+    task_data = TaskData(glue.TASKS["stsb"], enc, {"dev": enc})
+    bad = config.replace(cfg, train={"max_skipped_steps": 1}, finetune={"task": "stsb", "batch_size": 8})
+    with pytest.raises(TrainingDiverged, match="stsb: 1 consecutive steps had a non-finite loss"):
+        run(bad, start, task_data, progress=False, save=False, echo=lambda _: None)
+
+
+def test_finetuning_compiles_in_the_first_epoch_only(rte_model, tmp_path):
+    """Epochs 2 and 3 compile nothing: one training step per padded length class, one evaluation step."""
+    from jax._src import dispatch  # the event name only; the listener API is public (jax.monitoring)
+
+    cfg, start, _ = rte_model
+    rng = np.random.default_rng(7)
+    data = glue.SplitData("rte", "train", "mem", sentences(rng, 96, 1, 30), sentences(rng, 96, 1, 30),
+                          rng.integers(0, 2, 96).astype(np.int32), [str(i) for i in range(96)])
+    enc = encode_split(data, start.tokenizer, 64)
+    assert enc.lengths.min() <= 32 < enc.lengths.max()  # two length classes with impl.pad_multiple=32
+    compiles: list[float] = []
+
+    def listen(event: str, duration: float, **_: object) -> None:
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    epochs: list[int] = []
+    try:
+        run_cfg = config.replace(cfg, finetune={"epochs": 3, "batch_size": 8, "max_len": 64, "run_name": "compiles"},
+                                 model={"max_positions": 64})
+
+        def echo(line: str) -> None:
+            epochs.append(len(compiles))
+
+        from jaxbert import finetune as ft
+
+        original = ft.evaluate
+
+        def counting_evaluate(*args, **kwargs):
+            out = original(*args, **kwargs)
+            epochs.append(len(compiles))
+            return out
+
+        ft.evaluate = counting_evaluate
+        try:
+            ft.run(run_cfg, start, TaskData(glue.TASKS["rte"], enc, {"dev": enc}), progress=False, echo=echo)
+        finally:
+            ft.evaluate = original
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    after_epoch = epochs[1:4]  # compile counts after each epoch's evaluation (epochs[0]: the start message)
+    assert after_epoch[0] > 0 and after_epoch[0] == after_epoch[1] == after_epoch[2], epochs

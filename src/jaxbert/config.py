@@ -117,6 +117,9 @@ class FinetuneConfig:
     batch_size: int = 32
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
+    beta1: float = 0.9  # AdamW betas and epsilon of finetuning (BERT's recipe; pretraining has train.beta*)
+    beta2: float = 0.999
+    eps: float = 1e-6
     dropout: float = 0.1
     max_len: int = 128
     seed: int = 0
@@ -155,7 +158,12 @@ class ImplConfig:
     workers: int = 0  # tokenizer threads for preparation (0: all cores)
     encode_batch: int = 1000  # documents per encode batch during preparation
     log_every: int = 10  # steps between console/JSONL metric fetches
-    pad_multiple: int = 32  # GLUE batches are padded to a multiple of this length (bounds recompilation)
+    # GLUE training batches are padded to a multiple of this length, capped at finetune.max_len: the number of
+    # compiled training steps (128 with max_len 128: one); evaluation batches always pad to finetune.max_len
+    pad_multiple: int = 64
+    # JAX's persistent compilation cache: "auto" (<$XDG_CACHE_HOME or ~/.cache>/jaxbert/xla), a directory, or
+    # "off". A second run, or parallel processes of `jaxbert glue`, reuse compiled steps instead of compiling
+    compilation_cache: str = "auto"
     # XLA flags put ahead of $XLA_FLAGS (which wins) by apply_xla_flags before JAX starts its backend; cuBLAS
     # instead of Triton matmuls was faster and compiled faster on an H200 (benchmarks/RESULTS.md)
     xla_flags: str = "--xla_gpu_enable_triton_gemm=false"
@@ -163,8 +171,38 @@ class ImplConfig:
 
 def apply_xla_flags(impl: ImplConfig) -> None:
     """Put ``impl.xla_flags`` ahead of ``$XLA_FLAGS``; takes effect only before JAX first uses a device."""
-    if impl.xla_flags:
-        os.environ["XLA_FLAGS"] = f"{impl.xla_flags} {os.environ.get('XLA_FLAGS', '')}".strip()
+    current = os.environ.get("XLA_FLAGS", "")
+    if impl.xla_flags and not current.startswith(impl.xla_flags):
+        os.environ["XLA_FLAGS"] = f"{impl.xla_flags} {current}".strip()
+
+
+def compilation_cache_dir(impl: ImplConfig) -> Optional[Path]:
+    """Where ``impl.compilation_cache`` puts compiled executables (None: off)."""
+    value = impl.compilation_cache.strip()
+    if value.lower() in ("off", "none", "false", "no", ""):
+        return None
+    if value.lower() == "auto":
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxbert" / "xla"
+    return Path(value).expanduser()
+
+
+def apply_runtime(impl: ImplConfig) -> Optional[Path]:
+    """Process settings of a run, before JAX starts its backend: the XLA flags and JAX's persistent compilation
+    cache (so a second run, or a parallel process, loads a compiled step instead of compiling it). Returns the
+    cache directory, None when off or not writable."""
+    apply_xla_flags(impl)
+    folder = compilation_cache_dir(impl)
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # e.g. a read-only home: compile as usual
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the steps, not every small helper
+    return folder
 
 
 @dataclass(frozen=True)
@@ -243,6 +281,9 @@ def validate(cfg: Config) -> Config:
     _check(f.lr > 0, "finetune.lr", "must be positive")
     _check(0.0 <= f.warmup_fraction <= 1.0, "finetune.warmup_fraction", "must be in [0, 1]")
     _check(i.pad_multiple > 0, "impl.pad_multiple", "must be positive")
+    _check(0.0 <= f.beta1 < 1.0, "finetune.beta1", f"must be in [0, 1), got {f.beta1}")
+    _check(0.0 <= f.beta2 < 1.0, "finetune.beta2", f"must be in [0, 1), got {f.beta2}")
+    _check(f.eps > 0, "finetune.eps", f"must be positive, got {f.eps}")
     _check(i.attention in ("auto", "xla", "cudnn"), "impl.attention", f"expected auto|xla|cudnn, got {i.attention!r}")
     _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
     _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")

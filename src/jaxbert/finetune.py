@@ -1,8 +1,9 @@
 """``jaxbert finetune``: finetune a classifier on one GLUE task, evaluate on dev every epoch, keep the best.
 
-Recipe: AdamW (betas 0.9/0.999, eps 1e-6, weight decay on weight matrices and embeddings only, global-norm
-clipping), learning rate warmed up linearly then decayed linearly to zero, dropout ``finetune.dropout`` (hidden)
-and ``finetune.attention_dropout``. A run directory ``<finetune.out_dir>/<run_name>`` receives::
+Recipe: AdamW (betas ``finetune.beta1/beta2``, eps ``finetune.eps``, weight decay on weight matrices and
+embeddings only, global-norm clipping), learning rate warmed up linearly then decayed linearly to zero, dropout
+``finetune.dropout`` (hidden) and ``finetune.attention_dropout``. A run directory ``<finetune.out_dir>/<run_name>``
+receives::
 
     config.yaml        the resolved config
     metrics.jsonl      one line per log interval and per dev evaluation
@@ -10,9 +11,13 @@ and ``finetune.attention_dropout``. A run directory ``<finetune.out_dir>/<run_na
     predictions/       <GLUE name>.tsv for every test split found (index, prediction), from the best model
     results.json       best epoch, dev metrics, task score
 
-Speed: one compiled step per padded batch length (a few lengths, see ``impl.pad_multiple``), the learning
-rate is a step input (no recompile between runs of a sweep), and the loss is fetched from the device only every
-``impl.log_every`` steps. ``--sweep`` runs a grid of batch sizes x learning rates x seeds (see jaxbert.sweep).
+The training core is pretraining's (:mod:`jaxbert.train`): the same :class:`TrainState`, optimizer and update
+(:func:`jaxbert.train.fused_step`); only the loss (:class:`ClassificationLoss`) and the data differ. Shapes are
+few and fixed, so a run compiles once: training batches are padded to a multiple of ``impl.pad_multiple``
+(capped at ``finetune.max_len``), evaluation batches to ``finetune.max_len``. Batches are built and sent to the
+device in a background thread, the learning rate is a step input (no recompile between runs of a sweep), and the
+loss is fetched from the device only every ``impl.log_every`` steps. ``--sweep`` runs a grid of batch sizes x
+learning rates x seeds (see jaxbert.sweep).
 """
 
 from __future__ import annotations
@@ -24,9 +29,8 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,32 +42,20 @@ from . import distributed
 from .classifier import Start, build_classifier, prepare_start, save_classifier
 from .config import Config
 from .data.glue import Task, get_task
+from .data.loader import Prefetcher
 from .data.pairs import Batch, Encoded, eval_batches, steps_per_epoch, train_batches
 from .data.task_data import TaskData, load_task_data
 from .metrics import compute, task_score
 from .model import BertForClassification
-from .optim import one_cycle, set_learning_rate
-from .precision import LossScale, Policy, all_finite
+from .optim import AdamWSettings, one_cycle
+from .precision import LossScale, Policy
 from .tracking import JsonlTracker, Trackers, WandbTracker
+from .train import TrainingDiverged, TrainState, fused_step, new_state
 
 Log = Callable[[str], None]
 
 
 # ------------------------------------------------------------------------------------------------- steps
-
-
-def _decay_mask(params: Any) -> Any:
-    """Weight decay on dense weights and embedding tables; not on biases or LayerNorm scales."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].name not in ("bias", "scale"), params)
-
-
-@functools.lru_cache(maxsize=None)
-def make_optimizer(weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW with an injectable learning rate. Cached: equal settings give the same
-    object, so the compiled step is shared by every run of a sweep."""
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=_decay_mask)
-    return optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(), adamw)
 
 
 def _device_batch(batch: Batch) -> tuple[np.ndarray, ...]:
@@ -83,32 +75,19 @@ def batch_loss(model: BertForClassification, batch: tuple, key: Optional[jax.Arr
     return per_row.sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-@eqx.filter_jit
-def train_step(model: BertForClassification, opt_state: Any, scale: LossScale, batch: tuple, lr: jax.Array,
-               step: jax.Array, key: jax.Array, *, optimizer: optax.GradientTransformation, policy: Policy,
-               attention: str) -> tuple[BertForClassification, Any, LossScale, jax.Array]:
-    """One optimizer step; pure: ``(model, opt_state, scale, batch, lr, step, key) -> (model, opt_state, scale,
-    loss)``. Dropout uses ``fold_in(key, step)``. With fp16 a non-finite step is skipped (dynamic loss scale)."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    dropout = model.config.dropout > 0 or model.config.attention_dropout > 0
-    step_key = jax.random.fold_in(key, step) if dropout else None  # no random bits when nothing is dropped
+@dataclass(frozen=True)
+class ClassificationLoss:
+    """The finetuning objective of :func:`jaxbert.train.fused_step` (static: hashable settings only)."""
 
-    def scaled(p: Any) -> tuple[jax.Array, jax.Array]:
-        loss = batch_loss(eqx.combine(p, static), batch, step_key, policy, attention)
-        return scale.scale_loss(loss), loss
+    policy: Policy
+    attention: str
 
-    (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(params)
-    grads = scale.unscale(grads)
-    updates, new_opt = optimizer.update(grads, set_learning_rate(opt_state, lr), params)
-    new_params = optax.apply_updates(params, updates)
-    if scale.dynamic:
-        finite = all_finite(grads)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_params, new_opt, scale = keep(new_params, params), keep(new_opt, opt_state), scale.update(finite)
-    return eqx.combine(new_params, static), new_opt, scale, loss
+    def loss(self, model: BertForClassification, batch: tuple,
+             key: Optional[jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return batch_loss(model, batch, key, self.policy, self.attention), {}
 
 
-@eqx.filter_jit
+@functools.partial(jax.jit, static_argnames=("policy", "attention"))
 def predict_step(model: BertForClassification, ids: jax.Array, segments: jax.Array, mask: jax.Array, *,
                  policy: Policy, attention: str) -> jax.Array:
     return model(ids, segments, mask, policy=policy, attention=attention)
@@ -116,7 +95,9 @@ def predict_step(model: BertForClassification, ids: jax.Array, segments: jax.Arr
 
 def predict(model: BertForClassification, enc: Encoded, batch_size: int, pad_multiple: int, policy: Policy,
             attention: str) -> np.ndarray:
-    """float32 head outputs ``(n, num_labels)`` in example order; one transfer from the device at the end."""
+    """float32 head outputs ``(n, num_labels)`` in example order; one transfer from the device at the end.
+
+    Batches are padded to a multiple of ``pad_multiple`` (``finetune.max_len``: one compiled shape)."""
     rows, outputs = [], []
     for batch in eval_batches(enc, batch_size, pad_multiple):
         ids, segments, mask = distributed.on_mesh_of(model, (batch.input_ids, batch.segment_ids, batch.mask))
@@ -136,10 +117,10 @@ def decide(task: Task, outputs: np.ndarray) -> np.ndarray:
 
 def evaluate(model: BertForClassification, task: Task, dev: dict[str, Encoded], cfg: Config,
              policy: Policy) -> dict[str, dict[str, float]]:
-    """``{dev split: {metric: value}}``."""
+    """``{dev split: {metric: value}}``; every batch padded to ``finetune.max_len`` (one compiled step)."""
     results = {}
     for split, enc in dev.items():
-        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.impl.pad_multiple, policy, cfg.impl.attention)
+        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len, policy, cfg.impl.attention)
         results[split] = compute(task.metrics, decide(task, outputs), enc.labels)
     return results
 
@@ -199,70 +180,106 @@ def _run_dir(cfg: Config, task: Task) -> Path:
     return Path(cfg.finetune.out_dir) / name
 
 
-def _train_epoch(state: dict[str, Any], data: TaskData, epoch: int, bar: Any, log: Trackers,
-                 env: dict[str, Any]) -> None:
-    """One pass over the training set; ``state`` holds model, opt_state, scale, step (updated in place)."""
-    cfg, pending = env["cfg"], []
-    for batch in train_batches(data.train, cfg.finetune.batch_size, cfg.impl.pad_multiple, cfg.finetune.seed,
-                               epoch):
-        lr = env["lrs"][min(state["step"], len(env["lrs"]) - 1)]
-        arrays = distributed.distribute(_device_batch(batch), env["mesh"])  # rows split over the devices
-        state["model"], state["opt_state"], state["scale"], loss = train_step(
-            state["model"], state["opt_state"], state["scale"], arrays, lr,
-            np.int32(state["step"]), env["key"], optimizer=env["optimizer"], policy=env["policy"],
-            attention=cfg.impl.attention)
-        state["step"] += 1
-        pending.append(loss)
-        bar.update(1)
-        if len(pending) >= cfg.impl.log_every:
-            _log_losses(pending, state["step"], float(lr), epoch, bar, log)
-            pending = []
-    if pending:
-        _log_losses(pending, state["step"], float(lr), epoch, bar, log)
+@dataclass(frozen=True)
+class Plan:
+    """The fixed parts of a run: schedule, step settings, mesh."""
+
+    cfg: Config
+    lrs: np.ndarray  # float32 learning rate of every step
+    objective: ClassificationLoss
+    optimizer: AdamWSettings
+    policy: Policy
+    mesh: Any
+
+    @property
+    def steps(self) -> int:
+        return len(self.lrs)
 
 
-def _log_losses(pending: list, step: int, lr: float, epoch: int, bar: Any, log: Trackers) -> None:
-    """Fetch the mean of the losses since the last log (the only device sync of the training loop)."""
-    mean = float(np.mean(jax.device_get(pending)))
-    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-    log.log(step, {"loss": mean, "lr": lr, "epoch": float(epoch + 1)}, "train")
-
-
-def _initial_state(cfg: Config, start: Start, data: TaskData) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The mutable loop state (model, optimizer state, loss scale, step) and the fixed environment of a run."""
+def plan_run(cfg: Config, data: TaskData) -> Plan:
     f = cfg.finetune
-    k_head, k_train = jax.random.split(jax.random.PRNGKey(f.seed))
     policy = Policy.from_name(f.precision)
-    model = build_classifier(dataclasses.replace(start, cfg=cfg), data.task, k_head)
-    optimizer = make_optimizer(f.weight_decay, f.clip_norm)
     total = steps_per_epoch(len(data.train), f.batch_size) * f.epochs
     lrs = np.asarray(one_cycle(f.lr, f.warmup_fraction, 0.0)(np.arange(total) / total), np.float32)
-    mesh = distributed.finetuning_mesh(cfg)  # every local device, data parallel
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    state = {"model": distributed.shard_state(model, mesh), "opt_state": distributed.shard_state(opt_state, mesh),
-             "step": 0, "scale": LossScale.create(dynamic=policy.needs_loss_scaling)}
-    return state, {"cfg": cfg, "lrs": lrs, "key": k_train, "optimizer": optimizer, "policy": policy, "mesh": mesh}
+    return Plan(cfg, lrs, ClassificationLoss(policy, cfg.impl.attention), AdamWSettings.for_finetuning(f), policy,
+                distributed.finetuning_mesh(cfg))  # every local device, data parallel
 
 
-def _epochs(state: dict[str, Any], env: dict[str, Any], start: Start, data: TaskData, run_dir: Path,
+def initial_state(plan: Plan, start: Start, task: Task) -> TrainState:
+    """The model (the start's, with a new head drawn from the seed) in a fresh training state on the mesh."""
+    k_head, k_train = jax.random.split(jax.random.PRNGKey(plan.cfg.finetune.seed))
+    model = build_classifier(dataclasses.replace(start, cfg=plan.cfg), task, k_head)
+    scale = LossScale.create(dynamic=plan.policy.needs_loss_scaling)
+    return distributed.shard_state(_new_state(model, plan.optimizer, scale, k_train), plan.mesh)
+
+
+@functools.partial(jax.jit, static_argnames="settings")
+def _new_state(model: BertForClassification, settings: AdamWSettings, scale: LossScale, key: jax.Array) -> TrainState:
+    """One dispatch instead of one per optimizer-state leaf. The model is copied: the state is donated to the
+    steps, and the start's encoder must survive for the next run of a sweep."""
+    return new_state(jax.tree.map(jnp.copy, model), settings, scale, key)
+
+
+def _device_batches(plan: Plan, data: TaskData, epoch: int) -> Iterator[tuple]:
+    f = plan.cfg.finetune
+    for batch in train_batches(data.train, f.batch_size, plan.cfg.impl.pad_multiple, f.seed, epoch):
+        yield distributed.distribute(_device_batch(batch), plan.mesh)  # rows split over the devices
+
+
+def train_epoch(state: TrainState, plan: Plan, data: TaskData, epoch: int, bar: Any, log: Trackers) -> TrainState:
+    """One pass over the training set; the state is donated to each step (use the returned one)."""
+    cfg, pending = plan.cfg, []
+    step = epoch * (plan.steps // cfg.finetune.epochs)
+    with Prefetcher(_device_batches(plan, data, epoch), depth=max(cfg.impl.prefetch, 1)) as batches:
+        for batch in batches:
+            state, metrics = fused_step(state, batch, plan.lrs[step], plan.objective, plan.optimizer, plan.mesh)
+            step += 1
+            pending.append(metrics)
+            if len(pending) >= cfg.impl.log_every:
+                _log_losses(pending, step, epoch, bar, log, cfg.train.max_skipped_steps, data.task.name)
+                pending = []
+    if pending:
+        _log_losses(pending, step, epoch, bar, log, cfg.train.max_skipped_steps, data.task.name)
+    return state
+
+
+def _log_losses(pending: list, step: int, epoch: int, bar: Any, log: Trackers, max_skipped: int, task: str) -> None:
+    """Fetch the metrics since the last log (the only device sync of the training loop); stop on a run of
+    non-finite steps."""
+    fetched = jax.device_get(pending)
+    bar.update(len(pending))
+    mean, lr = float(np.mean([m["loss"] for m in fetched])), float(fetched[-1]["lr"])
+    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+    log.log(step, {"loss": mean, "lr": lr, "epoch": float(epoch + 1),
+                   "skipped_total": float(fetched[-1]["skipped_total"])}, "train")
+    run = int(fetched[-1]["consecutive_skipped"])
+    if run >= max_skipped:
+        raise TrainingDiverged(f"{task}: {run} consecutive steps had a non-finite loss or gradients "
+                               f"(train.max_skipped_steps={max_skipped}); check the labels and finetune.lr")
+
+
+def _epochs(state: TrainState, plan: Plan, start: Start, data: TaskData, run_dir: Path,
             log: Trackers, progress: bool, save: bool) -> FinetuneResult:
     """Train and evaluate every epoch; the best epoch's model (saved under ``run_dir/best`` when ``save``)."""
-    cfg, task = env["cfg"], data.task
+    cfg, task = plan.cfg, data.task
     best: Optional[FinetuneResult] = None
     history = []
-    with tqdm(total=len(env["lrs"]), desc=task.name, disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=plan.steps, desc=task.name, disable=not progress, dynamic_ncols=True) as bar:
         for epoch in range(cfg.finetune.epochs):
             started = time.time()
-            _train_epoch(state, data, epoch, bar, log, env)
-            dev = evaluate(state["model"], task, data.dev, cfg, env["policy"])
+            state = train_epoch(state, plan, data, epoch, bar, log)
+            dev = evaluate(state.model, task, data.dev, cfg, plan.policy)
             score = task_score(dev)
             record = {"epoch": float(epoch + 1), "score": score, "epoch_seconds": time.time() - started,
                       **{f"{split}/{m}": v for split, ms in dev.items() for m, v in ms.items()}}
-            log.log(state["step"], record, "eval")
-            history.append({"step": state["step"], **record})
-            bar.write(f"{task.name} epoch {epoch + 1}: " + _describe(dev) + f"  score {100 * score:.2f}")
+            step = (epoch + 1) * (plan.steps // cfg.finetune.epochs)
+            log.log(step, record, "eval")
+            history.append({"step": step, **record})
+            bar.write(f"{task.name} epoch {epoch + 1}: " + _describe(dev) + f"  score {100 * score:.2f}  "
+                      f"({record['epoch_seconds']:.1f} s)")
             if best is None or score > best.score:
-                best = FinetuneResult(task.name, run_dir, epoch + 1, score, dev, state["model"])
+                # a host copy: the state's buffers are donated to the next step
+                best = FinetuneResult(task.name, run_dir, epoch + 1, score, dev, jax.device_get(state.model))
                 if save:
                     save_classifier(run_dir / "best", cfg, best.model, start.tokenizer,
                                     {"task": task.name, "labels": list(task.labels), "epoch": epoch + 1,
@@ -281,14 +298,16 @@ def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, sav
         raise ValueError(f"task {task.name}: finetuning needs a train split and at least one dev split")
     run_dir = _run_dir(cfg, task)
     config_lib.save(cfg, run_dir)
-    state, env = _initial_state(cfg, start, data)
-    echo(f"{task.name}: {len(data.train)} train examples, {f.epochs} epoch(s) of "
-         f"{len(env['lrs']) // f.epochs} steps, batch {f.batch_size}, lr {f.lr:g}, {f.precision}; run dir {run_dir}")
+    plan = plan_run(cfg, data)
+    state = initial_state(plan, start, task)
+    echo(f"{task.name}: {len(data.train)} train examples, {f.epochs} epoch(s) of {plan.steps // f.epochs} steps, "
+         f"batch {f.batch_size}, lr {f.lr:g}, {f.precision}; run dir {run_dir}")
     log = make_tracker(cfg, run_dir)
     try:
-        best = _epochs(state, env, start, data, run_dir, log, progress, save)
+        best = _epochs(state, plan, start, data, run_dir, log, progress, save)
     finally:
         log.close()
+    best.model = distributed.shard_state(best.model, plan.mesh)  # back on the devices, for predictions
     best.cfg, best.tokenizer = cfg, start.tokenizer
     best.dev_sizes = {split: len(enc) for split, enc in data.dev.items()}
     best.predictions = predict_tests(best.model, task, data, cfg, run_dir / "predictions", echo)
@@ -306,7 +325,7 @@ def predict_tests(model: BertForClassification, task: Task, data: TaskData, cfg:
     written = {}
     policy = Policy.from_name(cfg.finetune.precision)
     for split, (index, enc) in data.test.items():
-        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.impl.pad_multiple, policy, cfg.impl.attention)
+        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len, policy, cfg.impl.attention)
         name = task.submission_name(split)
         written[name] = write_predictions(folder / f"{name}.tsv", index, prediction_strings(task, outputs))
         echo(f"{task.name}: wrote {len(index)} {split} predictions to {written[name]}")
@@ -364,6 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="sweep seeds per grid point (default 1)")
     args = parser.parse_args(argv)
     cfg = config_lib.load(args.config, overrides_from(args, task=args.task))
+    config_lib.apply_runtime(cfg.impl)  # XLA flags, compilation cache: before anything starts the JAX backend
     if args.sweep:
         from .sweep import sweep_main
 

@@ -11,23 +11,32 @@ and mismatched accuracies. It is over the tasks that ran (listed with it); the a
 BERT paper) is printed too.
 
 Per-task overrides: ``rte:finetune.epochs=10`` applies to RTE only; plain ``key=value`` to every task. A task
-whose data turns out unusable (bad columns, unknown labels) is reported and the others still run.
-``--resume`` with the same ``finetune.run_name`` reuses the tasks already finished.
+whose data turns out unusable (bad columns, unknown labels) is reported, its run folder removed, the others still
+run, and the command exits 1. ``--resume`` with the same ``finetune.run_name`` reuses the tasks already finished.
+
+``--jobs N`` finetunes N tasks at once, each in its own process with 0.9/N of the GPU memory (a BERT-base
+finetune needs a few GB; the small tasks leave a GPU mostly idle), largest tasks first. The default, 0, runs
+``min(4, tasks)`` at once on a GPU and one at a time on a CPU. Parallel processes share compiled steps through
+the persistent compilation cache (``impl.compilation_cache``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
+import os
+import shutil
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import config as config_lib
 from .classifier import load_classifier, prepare_start
-from .config import Config
 from .data.glue import TASKS, Task, get_task, has_split, missing_reason, read_split
 from .data.pairs import encode_split
 from .data.task_data import load_task_data
@@ -44,7 +53,8 @@ Echo = Callable[[str], None]
 class GlueReport:
     out_dir: Path
     results: dict[str, FinetuneResult] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # task -> reason
+    skipped: dict[str, str] = field(default_factory=dict)  # task -> reason (no data for it)
+    failed: dict[str, str] = field(default_factory=dict)  # task -> error
     predictions: dict[str, Path] = field(default_factory=dict)  # submission name -> tsv
     zip_path: Optional[Path] = None
 
@@ -70,46 +80,110 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, list
     return common, per_task
 
 
-def predict_ax(report: GlueReport, cfg: Config, echo: Echo) -> None:
-    """AX predictions from the MNLI model (when both exist)."""
-    ax, mnli = TASKS["ax"], report.results.get("mnli")
-    if mnli is None:
-        echo("AX: skipped (predicted by the MNLI model, which did not run)")
-        return
+def predict_ax(mnli: FinetuneResult, echo: Echo) -> Optional[Path]:
+    """AX predictions of the MNLI model, next to its own (None when the data has no AX test split)."""
+    ax, cfg = TASKS["ax"], mnli.cfg
+    assert cfg is not None and mnli.model is not None
     if not has_split(ax, "test", cfg.finetune.glue_dir):
         echo(f"AX: {missing_reason(ax, 'test', cfg.finetune.glue_dir)}; no AX predictions")
-        return
-    run_cfg = mnli.cfg or cfg
-    data = read_split(ax, "test", run_cfg.finetune.glue_dir)
-    enc = encode_split(data, mnli.tokenizer, run_cfg.finetune.max_len)
-    outputs = predict(mnli.model, enc, run_cfg.finetune.eval_batch_size, run_cfg.impl.pad_multiple,
-                      Policy.from_name(run_cfg.finetune.precision), run_cfg.impl.attention)
+        return None
+    data = read_split(ax, "test", cfg.finetune.glue_dir)
+    enc = encode_split(data, mnli.tokenizer, cfg.finetune.max_len)
+    outputs = predict(mnli.model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len,
+                      Policy.from_name(cfg.finetune.precision), cfg.impl.attention)
     path = write_predictions(mnli.run_dir / "predictions" / "AX.tsv", data.index, prediction_strings(ax, outputs))
-    report.predictions["AX"] = path
     echo(f"AX: wrote {len(data)} predictions of the MNLI model to {path}")
+    return path
 
 
-def run_task(base: list[str], extra: list[str], args: argparse.Namespace, task: Task, out_dir: Path,
-             echo: Echo) -> FinetuneResult:
-    """Finetune one task into ``out_dir/<task>``; with ``--resume``, a finished run there is reused."""
-    if args.resume and (out_dir / task.name / "results.json").is_file():
-        echo(f"{task.name}: reusing the finished run in {out_dir / task.name}")
-        result = load_result(out_dir / task.name)
-        if task.name == "mnli":  # AX needs the model
-            result.cfg, result.model, result.tokenizer, _ = load_classifier(out_dir / task.name / "best")
-        return result
-    cfg = config_lib.load(args.config, base + [f"finetune.task={task.name}", f"finetune.out_dir={out_dir}",
-                                               f"finetune.run_name={task.name}"] + extra)
-    start = prepare_start(cfg, args.init, task)
-    data = load_task_data(start.cfg, task, start.tokenizer, echo=echo)
-    result = run(start.cfg, start, data, progress=not args.no_progress, echo=echo)
-    if task.name != "mnli":
-        result.model = None  # only the MNLI model is needed later (AX): free the device memory
+@dataclass(frozen=True)
+class TaskJob:
+    """What one task's finetune needs: picklable, for a worker process."""
+
+    task: str
+    config: str  # --config
+    common: tuple[str, ...]  # overrides for every task
+    own: tuple[str, ...]  # this task's overrides (after the common ones)
+    init: Optional[str]
+    out_dir: Path
+    resume: bool
+    progress: bool
+
+
+def run_task(job: TaskJob, echo: Echo = print) -> FinetuneResult:
+    """Finetune one task into ``out_dir/<task>`` (a finished run there is reused with ``resume``); the MNLI run
+    also predicts AX. The result keeps no model (device memory is freed)."""
+    task, run_dir = get_task(job.task), job.out_dir / job.task
+    if job.resume and (run_dir / "results.json").is_file():
+        echo(f"{task.name}: reusing the finished run in {run_dir}")
+        result = load_result(run_dir)
+        if task.name == "mnli":  # AX is predicted again from the saved model
+            result.cfg, result.model, result.tokenizer, _ = load_classifier(run_dir / "best")
+    else:
+        cfg = config_lib.load(job.config, [*job.common, f"finetune.task={task.name}", f"finetune.out_dir={job.out_dir}",
+                                           f"finetune.run_name={task.name}", *job.own])
+        start = prepare_start(cfg, job.init, task)
+        data = load_task_data(start.cfg, task, start.tokenizer, echo=echo)
+        result = run(start.cfg, start, data, progress=job.progress, echo=echo)
+    if task.name == "mnli":
+        path = predict_ax(result, echo)
+        if path is not None:
+            result.predictions["AX"] = path
+    result.model = None
     return result
 
 
+def _worker(job: TaskJob) -> FinetuneResult:
+    """A task in a worker process of ``--jobs``: one line per message, no progress bar."""
+    cfg = config_lib.load(job.config, list(job.common))
+    config_lib.apply_runtime(cfg.impl)
+    return run_task(job, echo=lambda line: print(line, flush=True))
+
+
+def default_jobs(tasks: int) -> int:
+    """``min(4, tasks)`` on a GPU, 1 elsewhere. Asks JAX for its backend without taking GPU memory."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    return min(4, tasks) if jax.default_backend() == "gpu" else 1
+
+
+def _run_parallel(jobs: list[TaskJob], workers: int, report: GlueReport, echo: Echo) -> None:
+    """Run ``jobs`` in ``workers`` processes (spawned: each starts its own JAX with its share of the GPU)."""
+    keys = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / workers:.3f}")
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"  # each worker takes its share at once
+    echo(f"glue: {len(jobs)} task(s), {workers} at a time, each with "
+         f"{float(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']):.0%} of the GPU memory")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_worker, job): job for job in jobs}
+            for future in as_completed(futures):
+                _record(report, futures[future], future.exception() or future.result(), echo)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _record(report: GlueReport, job: TaskJob, outcome: FinetuneResult | BaseException, echo: Echo) -> None:
+    """Keep a task's result, or report its failure and remove the run folder it left half-written."""
+    if isinstance(outcome, FinetuneResult):
+        report.results[job.task] = outcome
+        report.predictions.update(outcome.predictions)
+        return
+    bad_input = isinstance(outcome, (ValueError, FileNotFoundError))
+    report.failed[job.task] = str(outcome) if bad_input else f"{type(outcome).__name__}: {outcome}"
+    if not (job.out_dir / job.task / "results.json").is_file():
+        shutil.rmtree(job.out_dir / job.task, ignore_errors=True)
+    echo(f"{job.task}: failed ({report.failed[job.task]})")
+
+
 def run_glue(args: argparse.Namespace, tasks: Sequence[str], echo: Echo = print) -> GlueReport:
-    """Finetune every task of ``tasks`` that has data; a task whose data is unusable is reported, not fatal."""
+    """Finetune every task of ``tasks`` that has data; a task that fails is reported, the others still run."""
     common, per_task = split_overrides(args.overrides)
     base = overrides_from(args, common)
     cfg = config_lib.load(args.config, base)
@@ -117,22 +191,36 @@ def run_glue(args: argparse.Namespace, tasks: Sequence[str], echo: Echo = print)
         raise ValueError("--resume needs finetune.run_name=<name of the glue run to continue>")
     out_dir = Path(cfg.finetune.out_dir) / (cfg.finetune.run_name or f"glue-{time.strftime('%Y%m%d-%H%M%S')}")
     report = GlueReport(out_dir)
+    jobs = []
     for name in tasks:
         task = get_task(name)
         reason = skip_reason(task, cfg.finetune.glue_dir)
-        if reason is None:
+        if reason is not None:
+            report.skipped[task.name] = reason
+            echo(f"{task.name}: skipped ({reason})")
+            continue
+        jobs.append(TaskJob(task.name, args.config, tuple(base), tuple(per_task.get(task.name, [])), args.init,
+                            out_dir, args.resume, not args.no_progress))
+    jobs.sort(key=lambda job: -_train_bytes(job.task, cfg.finetune.glue_dir))  # the longest first
+    workers = min(args.jobs or default_jobs(len(jobs)), max(len(jobs), 1))
+    if workers > 1:
+        _run_parallel([dataclasses.replace(j, progress=False) for j in jobs], workers, report, echo)
+    else:
+        config_lib.apply_runtime(cfg.impl)
+        for job in jobs:
             try:
-                result = run_task(base, per_task.get(task.name, []), args, task, out_dir, echo)
-                report.results[task.name] = result
-                report.predictions.update(result.predictions)
-                continue
+                outcome: FinetuneResult | BaseException = run_task(job, echo)
             except (ValueError, FileNotFoundError) as err:  # bad data or settings for this task only
-                reason = f"failed: {err}"
-        report.skipped[task.name] = reason
-        echo(f"{task.name}: skipped ({reason})")
-    if "mnli" in tasks:
-        predict_ax(report, cfg, echo)
+                outcome = err
+            _record(report, job, outcome, echo)
+    report.results = {t: report.results[t] for t in tasks if t in report.results}  # in the order asked
     return report
+
+
+def _train_bytes(task: str, glue_dir: str) -> int:
+    """A cheap size of a task's training data: bytes of its train files (0 when unknown)."""
+    folder = Path(glue_dir) / get_task(task).folder
+    return sum(f.stat().st_size for f in folder.glob("train*")) if folder.is_dir() else 0
 
 
 def format_table(report: GlueReport) -> str:
@@ -157,6 +245,8 @@ def format_table(report: GlueReport) -> str:
             lines.append(f"GLUE average without WNLI over {len(rest)} task(s): {100 * glue_average(rest):.2f}")
     for name, reason in report.skipped.items():
         lines.append(f"skipped {name}: {reason}")
+    for name, reason in report.failed.items():
+        lines.append(f"failed {name}: {reason}")
     return "\n".join(lines)
 
 
@@ -183,7 +273,8 @@ def finish(report: GlueReport, echo: Echo = print) -> None:
     (report.out_dir / "results.txt").write_text(table + "\n")
     summary = {name: {"score": r.score, "best_epoch": r.best_epoch, "dev": r.dev, "run_dir": str(r.run_dir)}
                for name, r in report.results.items()}
-    (report.out_dir / "results.json").write_text(json.dumps({"tasks": summary, "skipped": report.skipped}, indent=1))
+    (report.out_dir / "results.json").write_text(json.dumps({"tasks": summary, "skipped": report.skipped,
+                                                              "failed": report.failed}, indent=1))
     missing = [n for n in _all_names() if n not in report.predictions]
     if missing:
         echo(f"submission: no predictions for {', '.join(missing)} (task skipped or test split missing)")
@@ -198,11 +289,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tasks", default=None, help="comma-separated tasks instead of --all (e.g. rte,mrpc)")
     parser.add_argument("--resume", action="store_true", help="reuse tasks already finished in the glue run named "
                         "by finetune.run_name (after a crash or an interruption)")
+    parser.add_argument("--jobs", type=int, default=0, help="tasks finetuned at once, each in its own process "
+                        "(default 0: min(4, tasks) on a GPU, 1 on a CPU)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.all == bool(args.tasks):
         parser.error("give exactly one of --all or --tasks")
     tasks = list(GLUE_TASKS) if args.all else [get_task(t).name for t in args.tasks.split(",") if t]
+    if args.jobs < 0:
+        parser.error(f"--jobs {args.jobs}: expected 0 (automatic) or a positive number of processes")
     report = run_glue(args, tasks)
     finish(report)
-    return 0 if report.results else 1
+    return 0 if report.results and not report.failed else 1

@@ -1,8 +1,9 @@
 """Optimizer, learning-rate schedule and batch-size ramp.
 
-* AdamW (optax) with weight decay on weight matrices and embedding tables only: biases, LayerNorm parameters
-  and the pooler (unused by the MLM loss, so decay would only shrink it) are not decayed. Global-norm clipping
-  comes first. The learning rate is an input of every step (``optax.inject_hyperparams``), set by
+* AdamW (optax) with weight decay on weight matrices and embedding tables only: biases and LayerNorm parameters
+  are never decayed, nor the modules named in ``AdamWSettings.no_decay`` (pretraining: the pooler, which the MLM
+  loss does not train, so decay would only shrink it). Global-norm clipping comes first. Pretraining and
+  finetuning build their optimizer here, from :class:`AdamWSettings`. The learning rate is an input of every step (``optax.inject_hyperparams``), set by
   :func:`set_learning_rate`, so the schedule can run on steps or on elapsed time without recompiling.
 * The one-cycle schedule and the batch-size ramp are functions of *progress* in [0, 1]: ``step / steps``, or
   ``elapsed / budget`` in time-budget mode (as Cramming does).
@@ -16,24 +17,24 @@ from typing import Any, Callable
 import jax
 import optax
 
-from .config import TrainConfig
+from .config import FinetuneConfig, TrainConfig
 from .model.layers import LayerNorm
 
 Schedule = Callable[[Any], Any]
 
 
-def decay_mask(params: Any) -> Any:
+def decay_mask(params: Any, no_decay: tuple[str, ...] = ("pooler",)) -> Any:
     """A pytree of bools like ``params``: True where weight decay applies.
 
     Decayed: dense weights and the token/position/segment embeddings. Not decayed: every ``bias``, every
-    LayerNorm ``scale``/``bias``, and anything under ``pooler``.
+    LayerNorm ``scale``/``bias``, and anything under a module named in ``no_decay``.
     """
 
     def mark(path: tuple, leaf: Any) -> Any:
         if isinstance(leaf, LayerNorm):
             return jax.tree.map(lambda _: False, leaf)
         names = [getattr(k, "name", getattr(k, "key", None)) for k in path]  # attribute or dict key
-        return not (names[-1] == "bias" or "pooler" in names)
+        return not (names[-1] == "bias" or any(n in names for n in no_decay))
 
     return jax.tree_util.tree_map_with_path(mark, params, is_leaf=lambda x: isinstance(x, LayerNorm))
 
@@ -47,17 +48,24 @@ class AdamWSettings:
     eps: float = 1e-6
     weight_decay: float = 0.01
     clip_norm: float = 0.5  # 0 disables clipping
+    no_decay: tuple[str, ...] = ("pooler",)  # modules exempt from weight decay (besides biases and LayerNorms)
 
     @classmethod
     def from_config(cls, train: TrainConfig) -> "AdamWSettings":
-        return cls(train.beta1, train.beta2, train.eps, train.weight_decay, train.clip_norm)
+        """Pretraining: the pooler is not decayed (the MLM loss does not train it)."""
+        return cls(train.beta1, train.beta2, train.eps, train.weight_decay, train.clip_norm, ("pooler",))
+
+    @classmethod
+    def for_finetuning(cls, finetune: FinetuneConfig) -> "AdamWSettings":
+        """Finetuning: the pooler feeds the classifier and is decayed like every other weight (BERT's recipe)."""
+        return cls(finetune.beta1, finetune.beta2, finetune.eps, finetune.weight_decay, finetune.clip_norm, ())
 
 
 def make_optimizer(settings: AdamWSettings, params: Any) -> optax.GradientTransformation:
     """clip_by_global_norm (identity when clip_norm == 0) followed by AdamW with an injectable learning rate."""
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=0.0, b1=settings.b1, b2=settings.b2, eps=settings.eps, weight_decay=settings.weight_decay,
-        mask=decay_mask(params))
+        mask=decay_mask(params, settings.no_decay))
     clip = optax.clip_by_global_norm(settings.clip_norm) if settings.clip_norm > 0 else optax.identity()
     return optax.chain(clip, adamw)
 

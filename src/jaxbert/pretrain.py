@@ -246,7 +246,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     cfg, run_dir = resolve_config(args)
-    config_lib.apply_xla_flags(cfg.impl)  # before anything starts the JAX backend
+    config_lib.apply_runtime(cfg.impl)  # XLA flags, compilation cache: before anything starts the JAX backend
     result = pretrain(cfg, run_dir=run_dir, resume=args.resume, console=not args.quiet)
     if not distributed.is_main_process():
         return 0 if result.reason == "done" else 128 + (result.signal or signal.SIGINT)

@@ -1,9 +1,15 @@
-"""MLM training: the :class:`TrainState`, pure jitted steps, evaluation, and the loop with hooks.
+"""The training core: :class:`TrainState`, the one optimizer update, pure jitted steps, and the MLM loop.
 
-One optimizer step is ``k`` calls of :func:`micro_step` (forward/backward on one micro-batch, gradients of the
-*summed* loss added into a carried float32 :class:`Accumulator`) followed by one :func:`apply_step` (divide by
-the number of predictions, clip, AdamW, loss-scale bookkeeping). ``k`` may change from step to step (the
-batch-size ramp) without recompiling anything.
+Pretraining and finetuning share everything but the loss and the data: the state (:class:`TrainState`), the
+optimizer (:func:`jaxbert.optim.make_optimizer`), and the update (:func:`update`: clip, finite check and skip,
+AdamW, loss-scale bookkeeping, step and key advance). Every step is a ``jax.jit`` function of the state with its
+buffers donated; nothing waits for the device between steps.
+
+* :func:`fused_step`: forward/backward of an :class:`Objective` on one batch, then the update (finetuning).
+* MLM pretraining accumulates: one optimizer step is ``k`` calls of :func:`micro_step` (forward/backward on one
+  micro-batch, gradients of the *summed* loss added into a carried float32 :class:`Accumulator`) followed by one
+  :func:`apply_step` (divide by the number of predictions, then the update). ``k`` may change from step to step
+  (the batch-size ramp) without recompiling anything.
 
 Masking happens inside the step: the state's key is split once per optimizer step, and each row's mask is drawn
 from ``fold_in(mask_key, row index within the step)``, so a step's masks do not depend on how its batch is cut
@@ -17,7 +23,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import equinox as eqx
 import jax
@@ -58,7 +64,7 @@ def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any =
 
 
 class TrainState(eqx.Module):
-    model: BertForMLM  # float32 master parameters
+    model: Any  # float32 master parameters: BertForMLM (pretraining) or BertForClassification (finetuning)
     opt_state: Any
     loss_scale: LossScale
     step: jax.Array  # int32: optimizer steps taken (skipped ones included)
@@ -67,17 +73,20 @@ class TrainState(eqx.Module):
     consecutive_skipped: jax.Array  # int32: ... in a row, up to now
 
 
-def init_state(cfg: Config, *, key: jax.Array) -> TrainState:
-    """A fresh state: the key is split by purpose (model init, training randomness)."""
-    k_init, k_train = jax.random.split(key)
-    model = BertForMLM(cfg.model, key=k_init)
-    tx = make_optimizer(AdamWSettings.from_config(cfg.train), model)
-    policy = Policy.from_name(cfg.train.precision)
-    scale = LossScale.create(cfg.train.loss_scale_init, cfg.train.loss_scale_period, policy.needs_loss_scaling)
+def new_state(model: Any, settings: AdamWSettings, loss_scale: LossScale, key: jax.Array) -> TrainState:
+    """The state of a run that starts training ``model``; ``key`` is its training randomness."""
     def zero() -> jax.Array:  # distinct buffers: donated arguments must not alias
         return jnp.zeros((), jnp.int32)
 
-    return TrainState(model, tx.init(model), scale, zero(), k_train, zero(), zero())
+    return TrainState(model, make_optimizer(settings, model).init(model), loss_scale, zero(), key, zero(), zero())
+
+
+def init_state(cfg: Config, *, key: jax.Array) -> TrainState:
+    """A fresh pretraining state: the key is split by purpose (model init, training randomness)."""
+    k_init, k_train = jax.random.split(key)
+    policy = Policy.from_name(cfg.train.precision)
+    scale = LossScale.create(cfg.train.loss_scale_init, cfg.train.loss_scale_period, policy.needs_loss_scaling)
+    return new_state(BertForMLM(cfg.model, key=k_init), AdamWSettings.from_config(cfg.train), scale, k_train)
 
 
 class Accumulator(eqx.Module):
@@ -160,26 +169,66 @@ def _select(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def update(state: TrainState, grads: Any, lr: jax.Array, settings: AdamWSettings,
+           loss_finite: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The one optimizer update of every objective (traced inside the jitted steps).
+
+    ``grads`` are unscaled float gradients of the mean loss. When they (or the loss) are not finite the step is
+    skipped: parameters and optimizer state are kept bitwise, the loss scale halves, the skip is counted.
+    """
+    finite = jnp.logical_and(all_finite(grads), loss_finite)
+    opt_state = set_learning_rate(state.opt_state, lr)
+    updates, new_opt = make_optimizer(settings, state.model).update(grads, opt_state, state.model)
+    model = _select(finite, eqx.apply_updates(state.model, updates), state.model)
+    opt_state = _select(finite, new_opt, state.opt_state)
+    skipped = (~finite).astype(jnp.int32)
+    next_key, _, _ = _step_keys(state.key)
+    new = TrainState(model, opt_state, state.loss_scale.update(finite), state.step + 1, next_key,
+                     state.skipped + skipped, (state.consecutive_skipped + skipped) * skipped)
+    metrics = {"grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32),
+               "loss_scale": state.loss_scale.scale, "skipped": skipped, "skipped_total": new.skipped,
+               "consecutive_skipped": new.consecutive_skipped}
+    return new, metrics
+
+
 @functools.partial(jax.jit, static_argnames="spec", donate_argnums=(1, 2))
 def apply_step(lr: jax.Array, state: TrainState, accum: Accumulator,
                spec: StepSpec) -> tuple[TrainState, Accumulator, dict[str, jax.Array]]:
     """Average the accumulated gradients and update (or skip, when they are not finite); reset ``accum``."""
     count = jnp.maximum(accum.weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / count, accum.grads)
-    finite = jnp.logical_and(all_finite(grads), jnp.isfinite(accum.loss_sum))
-    opt_state = set_learning_rate(state.opt_state, lr)
-    updates, new_opt = make_optimizer(spec.optimizer, state.model).update(grads, opt_state, state.model)
-    model = _select(finite, eqx.apply_updates(state.model, updates), state.model)
-    opt_state = _select(finite, new_opt, state.opt_state)
-    skipped = (~finite).astype(jnp.int32)
-    next_key, _, _ = _step_keys(state.key)
-    new_state = TrainState(model, opt_state, state.loss_scale.update(finite), state.step + 1, next_key,
-                           state.skipped + skipped, (state.consecutive_skipped + skipped) * skipped)
-    metrics = {"loss": accum.loss_sum / count, "accuracy": accum.correct_sum / count,
-               "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32),
-               "loss_scale": state.loss_scale.scale, "skipped": skipped,
-               "skipped_total": new_state.skipped, "consecutive_skipped": new_state.consecutive_skipped}
+    new_state, metrics = update(state, grads, lr, spec.optimizer, jnp.isfinite(accum.loss_sum))
+    metrics = {"loss": accum.loss_sum / count, "accuracy": accum.correct_sum / count, **metrics}
     return constrain(new_state, spec.mesh), constrain(jax.tree.map(jnp.zeros_like, accum), spec.mesh), metrics
+
+
+class Objective(Protocol):
+    """A loss for :func:`fused_step`: hashable (a frozen dataclass), since it is a static argument."""
+
+    def loss(self, model: Any, batch: Any, key: Optional[jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(mean loss, extra metrics) of ``model`` on ``batch``; ``key`` draws dropout."""
+        ...
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "settings", "mesh"), donate_argnums=0)
+def fused_step(state: TrainState, batch: Any, lr: jax.Array, objective: Objective, settings: AdamWSettings,
+               mesh: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one batch, no accumulation: ``(state, batch, lr) -> (state, metrics)``.
+
+    ``state`` is donated: use the returned one. Dropout draws from the step's dropout key (None when the model
+    has no dropout, so the inference code path is taken).
+    """
+    _, _, dropout_key = _step_keys(state.key)
+    cfg = state.model.config
+    key = dropout_key if cfg.dropout > 0 or cfg.attention_dropout > 0 else None
+
+    def scaled_loss(model: Any) -> tuple[jax.Array, tuple]:
+        loss, aux = objective.loss(model, batch, key)
+        return state.loss_scale.scale_loss(loss), (loss, aux)
+
+    grads, (loss, aux) = eqx.filter_grad(scaled_loss, has_aux=True)(state.model)
+    new_state, metrics = update(state, state.loss_scale.unscale(grads), lr, settings, jnp.isfinite(loss))
+    return constrain(new_state, mesh), {"loss": loss, **aux, **metrics}
 
 
 def train_step(state: TrainState, micro_batches: Sequence[jax.Array], lr: float,
