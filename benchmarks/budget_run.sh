@@ -7,15 +7,14 @@
 # OUT_DIR is resumed (the time budget continues where it stopped), so a budget longer than one device call
 # is covered by repeating the same command on the same (warm) machine. Set PRETRAIN_TIMEOUT (seconds) to stop
 # pretraining with SIGTERM, which saves a checkpoint, before a call's limit.
-# GLUE task groups finetune in parallel processes on the one GPU (each small model leaves it mostly idle);
-# GLUE_GROUPS="mnli sst2,wnli cola,stsb mrpc,rte,qnli,qqp" is the default, one group per process.
+# GLUE: `jaxbert glue --all`, which finetunes several tasks at once on the one GPU (--jobs, default 4 there);
+# GLUE_JOBS sets --jobs, SKIP_GLUE=1 stops after pretraining.
 set -euo pipefail
 wiki=$1 glue=$2 minutes=$3 out=$4; shift 4
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 stamp() { date -u +%H:%M:%S; }
 timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)
-groups=${GLUE_GROUPS:-mnli sst2,wnli cola,stsb mrpc,rte,qnli,qqp}
 glue_timeout=${GLUE_TIMEOUT:-0}  # seconds for all GLUE tasks (0: no limit)
 pretrain_timeout=${PRETRAIN_TIMEOUT:-0}
 run="$out/run-${minutes}m"
@@ -35,14 +34,12 @@ if tail -n 1 "$out/pretrain.log" | grep -q "continue with"; then
   echo "[$(stamp)] pretraining stopped before its budget: run this command again to continue it"
   exit 0
 fi
-echo "[$(stamp)] glue: task groups '$groups' in parallel, from $glue"
-i=0
-for group in $groups; do
-  i=$((i + 1))
-  XLA_PYTHON_CLIENT_MEM_FRACTION=${GLUE_MEM_FRACTION:-0.2} timeout "$glue_timeout" jaxbert glue --tasks "$group" \
-    --init "$run" --glue-dir "$glue" --config budget --no-progress finetune.out_dir="$out/glue-${minutes}m-$i" \
-    > "$out/glue-$i.log" 2>&1 &
-done
-wait
-cat "$out"/glue-*.log
-echo "[$(stamp)] done"
+if [ "${SKIP_GLUE:-0}" = 1 ]; then
+  echo "[$(stamp)] done (SKIP_GLUE=1)"
+  exit 0
+fi
+echo "[$(stamp)] glue: every task found in $glue"
+start=$(date +%s)
+timeout "$glue_timeout" jaxbert glue --all --jobs "${GLUE_JOBS:-0}" --init "$run" --glue-dir "$glue" --config budget \
+  --no-progress finetune.out_dir="$out" finetune.run_name="glue-${minutes}m" 2>&1 | tee "$out/glue-${minutes}m.log" || true
+echo "[$(stamp)] done: glue took $(( $(date +%s) - start )) s"
