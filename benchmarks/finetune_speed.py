@@ -196,6 +196,9 @@ def device_name() -> str:
 
 
 def commit() -> str:
+    """$COMMIT when set (a copied work tree may carry stale git metadata), else the checkout's HEAD."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=ROOT).stdout.strip() or "unknown"

@@ -158,9 +158,10 @@ class ImplConfig:
     workers: int = 0  # tokenizer threads for preparation (0: all cores)
     encode_batch: int = 1000  # documents per encode batch during preparation
     log_every: int = 10  # steps between console/JSONL metric fetches
-    # GLUE training batches are padded to a multiple of this length, capped at finetune.max_len: the number of
-    # compiled training steps (128 with max_len 128: one); evaluation batches always pad to finetune.max_len
-    pad_multiple: int = 64
+    # GLUE training batches are padded to a multiple of this length, capped at finetune.max_len: it sets the
+    # number of compiled training steps (128 with max_len 128: one); evaluation batches always pad to max_len.
+    # On an H200 one fixed length beat two length classes on MNLI (47 vs 52 s, benchmarks/RESULTS.md)
+    pad_multiple: int = 128
     # JAX's persistent compilation cache: "auto" (<$XDG_CACHE_HOME or ~/.cache>/jaxbert/xla), a directory, or
     # "off". A second run, or parallel processes of `jaxbert glue`, reuse compiled steps instead of compiling
     compilation_cache: str = "auto"
