@@ -295,7 +295,7 @@ def resume_config(run_dir: Path, overrides: Sequence[str], preset: Optional[str]
         differ = [k for k in after if k.split(".")[0] in _RUN_SECTIONS and k not in _FREE_KEYS
                   and other[k] != after[k] and not (k == "data.source" and _same_path(other[k], after[k]))]
         if differ:
-            key = differ[0]
+            key = min(differ, key=lambda k: (k != "data.source", k not in _CORPUS_KEYS))  # a switched corpus first
             raise ValueError(f"incompatible config: --config {preset} gives {key}={other[key]!r}, the run "
                              f"{run_dir} has {after[key]!r} (in its config.yaml){' and more' if len(differ) > 1 else ''}"
                              f"; a resumed run continues its own config: drop --config, or override single keys "
