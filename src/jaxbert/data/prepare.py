@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from ..config import Config
-from ..fileio import open_write, write_atomic, write_failed
+from .. import fileio
+from ..fileio import write_atomic, write_failed
 from ..tokenizer import Tokenizer, load_tokenizer, text_pieces, train_tokenizer
 from .corpus import iter_documents
 from .loader import Prefetcher, TokenStream
@@ -248,7 +249,7 @@ class _Writer:
     def __init__(self, path: Path, dtype: np.dtype, sep: int):
         self.path = path
         try:
-            self.handle = open_write(path)
+            self.handle = fileio.open_write(path)
         except OSError as err:
             raise write_failed(path, err) from None
         self.dtype, self.sep = dtype, sep
@@ -352,8 +353,14 @@ def write_streams(cfg: Config, tokenizer: Tokenizer, out: Path, progress: bool =
     finally:
         reader.close()
         bar.close()
-        for split, writer in writers.items():
-            stats[split] = writer.close()
+        failures = []
+        for split, writer in writers.items():  # close every file, even when one fails (a full disk)
+            try:
+                stats[split] = writer.close()
+            except OSError as err:
+                failures.append(err)
+    if failures:
+        raise failures[0]
     return stats
 
 
