@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # keys that say what a run is trained on and what it trains: a resumed run keeps them
-_RUN_SECTIONS = ("data", "tokenizer", "model", "train")
+_RUN_SECTIONS = ("data", "tokenizer", "model")
 _FREE_KEYS = ("model.vocab_size", "train.run_name", "train.out_dir", "data.cache_dir")  # derived or locations
 _CORPUS_KEYS = tuple(f"data.{name}" for name in _STREAM_FIELDS) + tuple(
     f"tokenizer.{f.name}" for f in dataclasses.fields(config_lib.TokenizerConfig))
@@ -276,7 +276,7 @@ def _override_value(overrides: Sequence[str], key: str, default: Any) -> Any:
 def resume_config(run_dir: Path, overrides: Sequence[str], preset: Optional[str] = None) -> Config:
     """The config of a resumed run: the run's own config.yaml plus ``overrides`` (checked against the run, not a
     preset). Overrides may not switch the corpus or tokenizer; ``preset`` (``--config``) may only repeat the
-    run's data, tokenizer, model and training settings."""
+    run's data, tokenizer and model settings (its other values are not used: the run's are kept, and said)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"run '{run_dir}' has no config.yaml to resume")
@@ -300,6 +300,10 @@ def resume_config(run_dir: Path, overrides: Sequence[str], preset: Optional[str]
                              f"{run_dir} has {after[key]!r} (in its config.yaml){' and more' if len(differ) > 1 else ''}"
                              f"; a resumed run continues its own config: drop --config, or override single keys "
                              f"with key=value")
+        kept = [k for k in after if k not in _FREE_KEYS and other[k] != after[k]]
+        if kept:
+            print(f"note: --config {preset} differs from the run's config.yaml in {', '.join(kept[:3])}"
+                  f"{', ...' if len(kept) > 3 else ''}; the run's values are kept (override them with key=value)")
     return cfg
 
 
