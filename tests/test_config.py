@@ -107,3 +107,33 @@ def test_compilation_cache_setting(tmp_path):
     assert out.returncode == 0, out.stderr
     folder = tmp_path / "xdg" / "jaxbert" / "xla"
     assert out.stdout.strip() == str(folder) and any(folder.iterdir())
+
+
+def test_val_fraction_zero_and_text_format_are_checked():  # issue 19, defect 1
+    with pytest.raises(ConfigError, match="'data.val_fraction'"):
+        config.load("tiny", ["data.val_fraction=0"])
+    with pytest.raises(ConfigError, match="'data.text_format'"):
+        config.load("tiny", ["data.text_format=paragraphs"])
+    assert config.load("tiny", ["data.text_format=line"]).data.text_format == "line"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):  # issue 19, defect 11
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hidden: 64\n  heads: [2\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    message = str(info.value)
+    assert "\n" not in message and f"'{path}:" in message and "not valid YAML" in message
+    line = int(message.split(f"'{path}:")[1].split(":")[0])
+    assert 3 <= line <= 4
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+"):
+        config.load_saved(path)
+
+
+def test_overrides_may_follow_options():  # issue 19, defect 11
+    from jaxbert.pretrain import build_parser
+
+    for argv in (["train.steps=5", "--resume"], ["--resume", "train.steps=5"],
+                 ["--config", "tiny", "--resume", "train.steps=5", "--quiet", "train.seed=2"]):
+        args = config.parse_args(build_parser(), argv)
+        assert args.resume and "train.steps=5" in args.overrides

@@ -207,3 +207,27 @@ def test_config_is_not_mutated(wiki_dir):
     before = dataclasses.asdict(cfg)
     list(iter_documents(cfg, workers=1))
     assert dataclasses.asdict(cfg) == before
+
+
+def test_one_document_per_line_is_detected_and_logged(tmp_path, capsys):  # issue 19, defect 1
+    lines = [f"News item {i}: {LONG}" for i in range(300)]
+    (tmp_path / "news.txt").write_text("\n".join(lines) + "\n")
+    got = docs(tmp_path / "news.txt")
+    assert got == lines
+    assert "text_format=line" in capsys.readouterr().out
+    assert docs(tmp_path / "news.txt", text_format="blank-line") == ["\n".join(lines)]
+    (tmp_path / "blocks.txt").write_text(f"A {LONG}\nstill A\n\nB {LONG}\n")
+    assert docs(tmp_path / "blocks.txt") == [f"A {LONG}\nstill A", f"B {LONG}"]
+    assert "text_format=blank-line" in capsys.readouterr().out
+    assert docs(tmp_path / "blocks.txt", text_format="line") == [f"A {LONG}", f"B {LONG}"]  # "still A": too short
+
+
+def test_utf8_error_gives_the_byte_offset_in_the_file(tmp_path):  # issue 19, defect 11
+    head = (f"First doc. {LONG}\n\n" * 400).encode()  # far more than one decoding chunk
+    (tmp_path / "bad.txt").write_bytes(head + b"caf\xe9 au lait\n")
+    with pytest.raises(CorpusError) as info:
+        docs(tmp_path / "bad.txt")
+    message = str(info.value)
+    line = head.count(b"\n") + 1
+    assert f"bad.txt: not UTF-8 text at byte {len(head) + 3} (line {line})" in message
+    assert "\n" not in message

@@ -283,3 +283,33 @@ def test_single_device_helpers_are_identities():
     assert distributed.agreed_stop(flag, every=5) is flag and distributed.main_first(lambda: 3) == 3
     distributed.check_same(7, "anything")  # nothing to disagree with
     assert distributed.is_main_process() and distributed.process_split() == (0, 1)
+
+
+def test_cluster_detection_uses_no_private_jax_api_and_fails_loudly(clean_env):  # issue 19, defect 12
+    import inspect
+
+    assert "jax._src" not in inspect.getsource(distributed)
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}.items():
+        clean_env.setenv(name, value)
+    assert distributed.detected_cluster() == distributed.Cluster("SLURM", 4, 2, "SLURM_NTASKS")
+    assert distributed.plan_launch(DistributedConfig()) == distributed.Launch("auto", None, 4, 2)
+    # JAX's start-up "succeeds" but leaves one process (e.g. its detection changed): an error, not 4 lone runs
+    clean_env.setattr(jax.distributed, "is_initialized", lambda: False)
+    clean_env.setattr(jax.distributed, "initialize", lambda **kwargs: None)
+    with pytest.raises(DistributedError, match=r"SLURM job has 4 tasks \(SLURM_NTASKS\), but JAX started 1 "
+                                               r"process\(es\); refusing"):
+        distributed.initialize(DistributedConfig())
+
+    def broken(**kwargs):
+        raise RuntimeError("no cluster detected\nmore detail")
+
+    clean_env.setattr(jax.distributed, "initialize", broken)
+    with pytest.raises(DistributedError, match=r"4 tasks .*jax.distributed.initialize failed \(no cluster detected\)"):
+        distributed.initialize(DistributedConfig())
+    clean_env.setenv("SLURM_NTASKS", "four")
+    with pytest.raises(DistributedError, match="SLURM_NTASKS='four': expected an integer"):
+        distributed.plan_launch(DistributedConfig())
+    clean_env.setenv("SLURM_NTASKS", "4")
+    clean_env.delenv("SLURM_PROCID")
+    with pytest.raises(DistributedError, match=r"SLURM_PROCID=None: expected this task's rank in \[0, SLURM_NTASKS=4\)"):
+        distributed.plan_launch(DistributedConfig())

@@ -258,3 +258,15 @@ def test_train_batches_cover_each_example_once_and_bucket_lengths(tmp_path):
     assert spread < 0.5 * np.ptp(enc.lengths)  # sorted within chunks: similar lengths per batch
     evaluated = np.concatenate([b.rows[b.rows >= 0] for b in eval_batches(enc, 32, 16)])
     assert sorted(evaluated.tolist()) == list(range(300))
+
+
+def test_tsv_that_is_not_utf8_names_the_file_and_byte(tmp_path):  # issue 19, defect 11
+    from jaxbert.data.glue import read_table
+
+    head = "sentence\tlabel\n" + "a fine sentence\t1\n" * 1000
+    path = tmp_path / "train.tsv"
+    path.write_bytes(head.encode() + b"caf\xe9\t0\n")
+    with pytest.raises(ValueError) as info:
+        read_table(path)
+    message = str(info.value)
+    assert f"{path}: not UTF-8 text at byte {len(head) + 3} (line 1002)" in message and "\n" not in message

@@ -161,3 +161,32 @@ def test_real_wikipedia_with_published_vocab(shared_data, tmp_path):
     data = prep.open_dataset(prep.prepare(cfg, progress=False), log=None)
     assert data.meta["documents"] == 40 and data.meta["vocab_size"] == 30522
     assert np.asarray(data.train.tokens).max() < 30522 and data.tokenizer.special.sep == 102
+
+
+def test_line_per_document_corpus_has_a_validation_split(tmp_path, capsys):  # issue 19, defect 1
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 40))) for _ in range(300)]
+    (tmp_path / "news.txt").write_text("\n".join(lines) + "\n")
+    cfg = config.load("tiny", [f"data.source={tmp_path / 'news.txt'}", f"data.cache_dir={tmp_path / 'cache'}",
+                               "tokenizer.vocab_size=128", "data.min_doc_chars=10", "data.val_fraction=0.05",
+                               "data.seq_len=16", "data.max_predictions=4"])
+    data = prep.open_dataset(prep.prepare(cfg, progress=False), log=None)
+    assert "text_format=line" in capsys.readouterr().out
+    assert data.meta["documents"] == 300 and 0 < data.meta["splits"]["validation"]["documents"] < 300
+    assert len(data.validation) >= 16
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_same_ids(setup, tmp_path, monkeypatch):  # defect 6
+    import jaxbert.tokenizer as tokenizer_module
+
+    cfg, documents = setup
+    tok = train_tokenizer(documents, cfg.tokenizer, progress=False)
+    long_doc = " ".join(documents)  # one document of ~5,000 characters, encoded in pieces of <= 200
+    monkeypatch.setattr(tokenizer_module.text_pieces, "__defaults__", (200,))
+    assert not prep.is_validation(np.arange(3), 0.01).any()  # all three documents go to train.bin
+    stats = prep.write_streams(config.replace(cfg, data={"val_fraction": 0.01}), tok, tmp_path, progress=False,
+                               documents=iter([documents[0], long_doc, documents[1]]))
+    sep = tok.special.sep
+    expected = [*tok.encode(documents[0]), sep, *tok.encode(long_doc), sep, *tok.encode(documents[1]), sep]
+    assert np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist() == expected
+    assert stats["train"] == {"file": "train.bin", "tokens": len(expected), "documents": 3}

@@ -166,3 +166,45 @@ def test_quickstart_reports_before_after_baseline_and_fill_mask(root):
                      "(truth:", "checkpoint:"):
         assert expected in out.stdout
     assert "4 steps" in out.stdout and ckpt.checkpoint_dirs(root / "runs" / "quick")
+
+
+def _saved_run(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A run directory holding only the config.yaml a tiny run (seq_len 32) would have written."""
+    overrides = _overrides(tmp_path, **{"train.run_name": "r1", "model.vocab_size": 128})
+    (tmp_path / "corpus.txt").write_text("unused")
+    run = tmp_path / "runs" / "r1"
+    config.save(config.load("tiny", overrides), run)
+    return run, overrides
+
+
+def test_resume_keeps_the_runs_corpus_and_config(tmp_path):  # issue 19, defect 3
+    from jaxbert import pretrain
+
+    run, _ = _saved_run(tmp_path)
+    before = (run / "config.yaml").read_bytes()
+    other = tmp_path / "other.yaml"
+    other.write_text(f"data:\n  source: {tmp_path / 'elsewhere.txt'}\n")
+    args = config.parse_args(pretrain.build_parser(), ["--resume", "--run-dir", str(run), "--config", str(other)])
+    with pytest.raises(ValueError, match=r"incompatible config: --config .*other.yaml gives data.source="):
+        pretrain.resolve_config(args)
+    args = config.parse_args(pretrain.build_parser(), ["--resume", "--run-dir", str(run),
+                                                       f"data.source={tmp_path / 'elsewhere.txt'}"])
+    with pytest.raises(ValueError, match="'data.source': the run .* keeps its corpus"):
+        pretrain.resolve_config(args)
+    assert (run / "config.yaml").read_bytes() == before
+    args = config.parse_args(pretrain.build_parser(), ["--resume", "--run-dir", str(run)])
+    cfg, run_dir = pretrain.resolve_config(args)
+    assert run_dir == run and cfg.data.source == str(tmp_path / "corpus.txt") and cfg.data.seq_len == 32
+
+
+def test_resume_overrides_are_checked_against_the_run(tmp_path):  # issue 19, defect 4
+    from jaxbert import pretrain
+
+    run, _ = _saved_run(tmp_path)
+    # valid for the run (seq_len 32), invalid for the base preset (seq_len 128 masks 19 positions)
+    argv = ["train.steps=7", "--resume", f"train.out_dir={tmp_path / 'runs'}", "train.run_name=r1",
+            "data.max_predictions=5"]
+    cfg, run_dir = pretrain.resolve_config(config.parse_args(pretrain.build_parser(), argv))
+    assert run_dir == run and cfg.train.steps == 7 and cfg.data.max_predictions == 5 and cfg.model.hidden == 32
+    with pytest.raises(config.ConfigError, match="'data.max_predictions'"):
+        pretrain.resolve_config(config.parse_args(pretrain.build_parser(), [*argv, "data.max_predictions=1"]))

@@ -153,3 +153,47 @@ def test_cli_train_and_encode(tmp_path, capsys):
     assert main(["encode", str(out), "The old mill"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["decoded"] == "the old mill" and len(shown["ids"]) == len(shown["tokens"])
+
+
+def test_training_is_deterministic(shared_data):  # issue 19, defect 8
+    from jaxbert.data.corpus import read_wikiextractor_file
+
+    documents = list(read_wikiextractor_file(shared_data / "wikipedia" / "part2" / "AA" / "wiki_00.bz2"))[:300]
+    cfg = TokenizerConfig(vocab_size=1500, alphabet=150)  # many ties between merges, a cut alphabet
+    first = train_tokenizer(documents, cfg, progress=False)
+    second = train_tokenizer(lambda: iter(documents), cfg, progress=False)
+    assert first.vocab() == second.vocab()
+    assert first.vocab()[:5] == list(SPECIAL_TOKENS) and first.vocab_size == 1536
+    assert first.encode("the river runs") == second.encode("the river runs")
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        train_tokenizer(iter(documents), cfg, progress=False)
+
+
+def test_long_text_in_pieces_encodes_like_the_whole(trained):  # issue 19, defect 6
+    from jaxbert.tokenizer import text_pieces
+
+    text = " ".join(synthetic_documents(40)) + "\n\tThe  end."
+    pieces = list(text_pieces(text, max_chars=97))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 97 and len(pieces) > 20
+    assert [i for p in pieces for i in trained.encode(p)] == trained.encode(text)
+    unbroken = "x" * 250  # no whitespace: cut where it is (a word over 100 characters is [UNK] anyway)
+    assert [len(p) for p in text_pieces(unbroken, max_chars=97)] == [97, 97, 56]
+    assert list(text_pieces("", 10)) == [""] and list(text_pieces("abc", 10)) == ["abc"]
+
+
+def test_cli_refuses_a_non_empty_out_directory(tmp_path, capsys):  # issue 19, defect 9
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(synthetic_documents(60)))
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"\x01\x02")
+    (out / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--out .*prepared: not empty \(holds meta.json, train.bin\)"):
+        main(["train", "--config", "tiny", f"data.source={corpus}", "--out", str(out), "--quiet"])
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin"]
+    assert (out / "train.bin").read_bytes() == b"\x01\x02"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty directory is fine, and options may come before the overrides
+    assert main(["train", "--config", "tiny", "--out", str(empty), "--quiet", f"data.source={corpus}",
+                 "tokenizer.vocab_size=128"]) == 0
+    assert sorted(p.name for p in empty.iterdir()) == ["tokenizer.json", "vocab.txt"]

@@ -33,6 +33,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from . import config as config_lib
+from . import fileio
 from .config import Config, ModelConfig
 from .model import BertForMLM
 
@@ -64,7 +65,7 @@ class Progress:
 
 def _write_file(path: Path, data: bytes) -> None:
     """Write bytes and fsync them (the one place checkpoint payloads reach the disk)."""
-    with open(path, "wb") as handle:
+    with fileio.open_write(path) as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

@@ -58,8 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(entry(rest) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        # Bad input is reported in one line; programming errors keep their traceback.
+    except (ConfigError, OSError, ValueError) as err:
+        # Bad input and failed reads/writes (a missing file, a full disk) are reported in one line; programming
+        # errors keep their traceback.
         print(f"jaxbert {name}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

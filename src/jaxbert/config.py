@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PRESETS = ("tiny", "mini", "small", "medium", "base")
+TEXT_FORMATS = ("auto", "blank-line", "line")
 
 
 class ConfigError(ValueError):
@@ -68,11 +69,15 @@ class DataConfig:
     source: str = "demo"  # "demo" (embedded Wikipedia summaries), a path, or "hf:<name>" for the HF hub
     format: str = "auto"  # auto | wikiextractor | wikidump | text | jsonl | csv | parquet | json | hf
     text_column: str = "text"  # column holding the text for table-like sources
+    # plain-text (.txt) layout: "blank-line" (documents separated by blank lines, BERT's layout), "line" (one
+    # document per line), or "auto" (detected from the first file: "line" when it has no blank line between
+    # text lines); the choice is logged
+    text_format: str = "auto"
     hf_config: Optional[str] = None  # HF dataset config, e.g. "20231101.en"
     hf_split: str = "train"
     min_doc_chars: int = 50  # documents shorter than this (after cleaning) are dropped
     max_documents: Optional[int] = None  # read at most N documents (None: all)
-    val_fraction: float = 0.01  # fraction of documents held out for validation
+    val_fraction: float = 0.01  # fraction of documents held out for validation (pretraining evaluates on them)
     seq_len: int = 128  # tokens per training sequence
     mlm_probability: float = 0.15
     max_predictions: int = 20  # masked positions predicted per sequence (fixed, for static shapes)
@@ -257,7 +262,10 @@ def validate(cfg: Config) -> Config:
     _check(d.max_predictions >= masked, "data.max_predictions",
            f"{d.max_predictions} would cap the {masked} positions masked per sequence "
            f"(mlm_probability {d.mlm_probability:g} x seq_len {d.seq_len}); set it to at least {masked}")
-    _check(0.0 <= d.val_fraction < 0.5, "data.val_fraction", f"must be in [0, 0.5), got {d.val_fraction}")
+    _check(0.0 < d.val_fraction < 0.5, "data.val_fraction",
+           f"must be in (0, 0.5), got {d.val_fraction} (pretraining evaluates on the held-out documents)")
+    _check(d.text_format in TEXT_FORMATS, "data.text_format",
+           f"expected one of {'|'.join(TEXT_FORMATS)}, got {d.text_format!r}")
     _check(d.format in ("auto", "wikiextractor", "wikidump", "text", "jsonl", "csv", "parquet", "json", "hf"),
            "data.format", f"unknown format {d.format!r}")
     _check(t.steps > 0, "train.steps", "must be positive")
@@ -315,16 +323,27 @@ def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"config key '{key}' ({source}): {first}")
 
 
+def read_yaml(path: Path) -> DictConfig:
+    """A YAML mapping from ``path``; a syntax error is one ConfigError naming the file, line and column."""
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError as err:
+        raise ConfigError(f"config file '{path}': cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # a YAML syntax error (yaml.MarkedYAMLError carries the position)
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file '{path}{where}': not valid YAML ({problem})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}': expected a mapping of config keys at the top level")
+    return loaded
+
+
 def load(preset: str = "base", overrides: Sequence[str] = ()) -> Config:
     """Build a validated, frozen Config from a preset (name or YAML path) and dotlist overrides."""
     schema = OmegaConf.structured(Config)
     path = preset_path(preset)
-    try:
-        from_file = OmegaConf.load(path)
-    except Exception as err:  # a YAML syntax error
-        raise ConfigError(f"config file '{path}': not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(from_file, DictConfig):
-        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    from_file = read_yaml(path)
     try:
         merged = OmegaConf.merge(schema, {"preset": path.stem}, from_file)
     except OmegaConfBaseException as err:
@@ -364,11 +383,9 @@ def save(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config next to a run's outputs (atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(target)
-    return target
+    from .fileio import write_atomic
+
+    return write_atomic(directory / name, to_yaml(cfg))
 
 
 def load_saved(path: str | Path) -> Config:
@@ -378,7 +395,7 @@ def load_saved(path: str | Path) -> Config:
         path = path / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
-    data = OmegaConf.to_container(OmegaConf.load(path))
+    data = OmegaConf.to_container(read_yaml(path))
     assert isinstance(data, dict)
     return from_dict(data)
 
@@ -398,6 +415,12 @@ def add_config_arguments(parser: Any, default_preset: str = "base") -> None:
                         help=f"preset name ({', '.join(PRESETS)}, ...) or a YAML file (default: {default_preset})")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides in dotted form, e.g. train.peak_lr=1e-3")
+
+
+def parse_args(parser: Any, argv: Optional[Sequence[str]] = None) -> Any:
+    """``parser``'s arguments with options and ``key=value`` overrides in any order (``train.steps=5 --resume``
+    and ``--resume train.steps=5`` alike)."""
+    return parser.parse_intermixed_args(list(argv) if argv is not None else None)
 
 
 def from_args(args: Any) -> Config:

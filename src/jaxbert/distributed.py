@@ -18,9 +18,11 @@ checkpoints come from :func:`to_host` (a collective: every process calls it), an
 
 Start-up (:func:`initialize`): ``distributed.coordinator`` / ``num_processes`` / ``process_id`` (or the
 environment variables ``JAXBERT_COORDINATOR``, ``JAXBERT_NUM_PROCESSES``, ``JAXBERT_PROCESS_ID``) start a run
-explicitly; a cluster environment JAX knows (SLURM, Open MPI, Cloud TPU) with more than one task is joined
-without flags; ``JAXBERT_DISTRIBUTED=1`` hands start-up to JAX's own detection (also Kubernetes, mpi4py).
-Otherwise the run is one process.
+explicitly; a SLURM or Open MPI job with more than one task (read from its environment variables by
+:func:`detected_cluster`) is joined without flags through ``jax.distributed.initialize()``, and the number of
+processes JAX started is checked against the job's: a mismatch or a failed start-up is an error, never N
+single-process runs. ``JAXBERT_DISTRIBUTED=1`` hands start-up to JAX's own detection (Cloud TPU, Kubernetes,
+mpi4py). Otherwise the run is one process.
 """
 
 from __future__ import annotations
@@ -78,25 +80,43 @@ def _env_int(name: str) -> Optional[int]:
         raise DistributedError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-AUTO_CLUSTERS = ("slurm", "ompi", "gcetpu", "gketpu")  # Kubernetes (API calls, a warning in every pod): opt in
+@dataclass(frozen=True)
+class Cluster:
+    """A multi-task job seen in the environment: its launcher, task count and this task's rank."""
+
+    name: str
+    count: int
+    rank: int
+    source: str  # the variable the count was read from (named in errors)
 
 
-def detected_cluster() -> Optional[tuple[str, int]]:
-    """(name, process count) of a cluster environment in :data:`AUTO_CLUSTERS` that JAX detects, or None.
+# launcher -> (variable telling it is present, task-count variables, rank variable); read by jaxbert itself (JAX's
+# detectors are private API), and jax.distributed.initialize's result is checked against them
+CLUSTER_VARIABLES = {
+    "SLURM": ("SLURM_JOB_ID", ("SLURM_NTASKS", "SLURM_NPROCS"), "SLURM_PROCID"),
+    "Open MPI": ("OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_SIZE",), "OMPI_COMM_WORLD_RANK"),
+}
 
-    JAX's own detectors are asked (environment variables only); a failing detector counts as absent.
-    """
-    try:
-        from jax._src.clusters import ClusterEnv
-    except ImportError:  # a JAX without this registry: rely on JAXBERT_DISTRIBUTED=1
-        return None
-    for env in ClusterEnv._cluster_types:
-        try:
-            if getattr(env, "name", "") not in AUTO_CLUSTERS or not env.is_env_present():
-                continue
-            return getattr(env, "name", env.__name__), int(env.get_process_count())
-        except Exception:
+
+def detected_cluster() -> Optional[Cluster]:
+    """The multi-task job this process belongs to, from SLURM or Open MPI variables, or None.
+
+    A present launcher with unreadable counts is an error, never "no cluster": a misread would silently turn
+    one N-task job into N single-process runs writing one run directory."""
+    for name, (marker, count_names, rank_name) in CLUSTER_VARIABLES.items():
+        if os.environ.get(marker) in (None, ""):
             continue
+        source = next((n for n in count_names if os.environ.get(n) not in (None, "")), None)
+        if source is None:
+            continue  # e.g. an allocation (salloc) outside any job step: no tasks to join
+        count, rank = _env_int(source), _env_int(rank_name)
+        if count is None or count < 1:
+            raise DistributedError(f"environment variable {source}={os.environ.get(source)!r}: expected a task "
+                                   "count of at least 1")
+        if count > 1 and (rank is None or not 0 <= rank < count):
+            raise DistributedError(f"environment variable {rank_name}={os.environ.get(rank_name)!r}: expected this "
+                                   f"task's rank in [0, {source}={count})")
+        return Cluster(name, count, rank or 0, source)
     return None
 
 
@@ -111,6 +131,8 @@ def plan_launch(dist: DistributedConfig) -> Launch:
             if cluster is None:
                 raise DistributedError(f"distributed.coordinator={coordinator} is set: also set "
                                        "distributed.num_processes and distributed.process_id")
+            num = cluster.count if num is None else num
+            pid = cluster.rank if pid is None else pid
         if num is not None and num < 1:
             raise DistributedError(f"distributed.num_processes must be at least 1, got {num}")
         if num is not None and pid is not None and not 0 <= pid < num:
@@ -122,8 +144,8 @@ def plan_launch(dist: DistributedConfig) -> Launch:
     if os.environ.get(ENV_FLAG, "") not in ("", "0"):
         return Launch("auto")
     cluster = detected_cluster()
-    if cluster is not None and cluster[1] > 1:
-        return Launch("auto")
+    if cluster is not None and cluster.count > 1:
+        return Launch("auto", num_processes=cluster.count, process_id=cluster.rank)
     return Launch("single")
 
 
@@ -164,7 +186,13 @@ def initialize(dist: DistributedConfig, log: Callable[[str], None] = lambda s: p
         return False
     timeout = float(dist.init_timeout_s)
     if launch.mode == "auto":
-        jax.distributed.initialize(initialization_timeout=int(timeout))
+        try:
+            jax.distributed.initialize(initialization_timeout=int(timeout))
+        except Exception as err:  # JAX could not join the job the environment describes: never run alone
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DistributedError(f"{_described(launch)}, but jax.distributed.initialize failed ({first}); set "
+                                   "distributed.coordinator/num_processes/process_id to start explicitly") from None
+        check_joined(launch)
         return jax.process_count() > 1
     assert launch.coordinator is not None
     _split_address(launch.coordinator)
@@ -175,7 +203,28 @@ def initialize(dist: DistributedConfig, log: Callable[[str], None] = lambda s: p
         timeout -= wait_for_coordinator(launch.coordinator, timeout, launch.process_id)
     jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
                                initialization_timeout=max(int(timeout), 1))
+    check_joined(launch)
     return jax.process_count() > 1
+
+
+def _described(launch: Launch) -> str:
+    cluster = detected_cluster()
+    if cluster is not None:
+        return f"the {cluster.name} job has {cluster.count} tasks ({cluster.source})"
+    return f"{ENV_FLAG}=1 asks for a multi-process run"
+
+
+def check_joined(launch: Launch) -> None:
+    """After start-up: this process must be one of the expected number, at the expected rank."""
+    count, index = jax.process_count(), jax.process_index()
+    if launch.num_processes is not None and count != launch.num_processes:
+        expected = (_described(launch) if launch.mode == "auto" else
+                    f"distributed.num_processes is {launch.num_processes}")
+        raise DistributedError(f"{expected}, but JAX started {count} process(es); refusing to run as independent "
+                               "processes writing one run directory")
+    if launch.process_id is not None and index != launch.process_id:
+        raise DistributedError(f"this process has rank {launch.process_id} but JAX gave it process index {index}; "
+                               "set distributed.process_id to match")
 
 
 def setup(cfg: Config, log: Callable[[str], None] = print) -> Mesh:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -34,10 +34,17 @@ from . import distributed
 from .checkpoint import Progress
 from .config import Config
 from .data.loader import Prefetcher, get_samples
-from .data.prepare import PreparedData, check_compatible, open_dataset, prepare
+from .data.prepare import _STREAM_FIELDS, PreparedData, check_compatible, open_dataset, prepare, split_problem
 from .tokenizer import load_tokenizer
 from .tracking import Trackers, import_wandb, make_trackers
 from .train import Periodic, TrainState, evaluate, init_state, make_spec, micro_batch_stream, run_loop
+
+
+class CheckpointWriteError(OSError):
+    """The run's last checkpoint could not be written (e.g. a full disk)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass
@@ -64,8 +71,13 @@ def load_data(cfg: Config, tokenizer: Any = None, log: Callable[[str], None] = p
     if (source / "meta.json").is_file():
         if tokenizer is None and cfg.tokenizer.path is not None:
             tokenizer = load_tokenizer(cfg.tokenizer.path, lowercase=cfg.tokenizer.lowercase)
-        return open_dataset(source, tokenizer, log=log)
-    return open_dataset(prepare(cfg, tokenizer), tokenizer, log=log)
+        data = open_dataset(source, tokenizer, log=log)
+    else:
+        data = open_dataset(prepare(cfg, tokenizer), tokenizer, log=log)
+    problem = split_problem(cfg, data.meta["splits"])
+    if problem is not None:
+        raise ValueError(f"{problem} ({data.path})")
+    return data
 
 
 def eval_batches(cfg: Config, data: PreparedData) -> list[np.ndarray]:
@@ -161,6 +173,7 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
     trackers = make_trackers(cfg, run_dir, run_dir.name, start_step=progress.step,
                              start_elapsed=progress.elapsed_seconds, console=console) if main else Trackers([])
     result = PretrainResult(run_dir, cfg, state, progress, "done", None)
+    failed: list[tuple[int, OSError]] = []  # the last checkpoint attempt, when it could not be written
     held_out, eval_key = distributed.distribute(eval_batches(cfg, data), mesh), root_keys(cfg)[1]
 
     def run_eval(s: TrainState, p: Progress) -> None:
@@ -172,11 +185,14 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
         host = distributed.to_host(s)  # a collective with several processes; the main one writes
         if not main:
             return
+        failed.clear()
         try:
             result.checkpoint = ckpt.save_checkpoint(run_dir, cfg, host, p, data.tokenizer,
                                                      cfg.train.keep_checkpoints)
         except OSError as err:  # e.g. a full disk: the previous checkpoint stays valid, training goes on
-            warnings.warn(f"checkpoint at step {p.step} not written: {err}", stacklevel=1)
+            failed.append((p.step, err))
+            if p.step < cfg.train.steps:  # a failure at the end is reported once, as the run's error
+                print(f"warning: checkpoint at step {p.step} not written: {err}", file=sys.stderr)
 
     if progress.step == 0:
         run_eval(state, progress)
@@ -195,6 +211,12 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
     finally:
         trackers.close()
     result.state, result.progress, result.reason = state, progress, reason
+    if failed:  # the run's end is not on disk: say so and exit non-zero instead of reporting success
+        step, err = failed[0]
+        kept = ckpt.checkpoint_dirs(run_dir)
+        resume = f"resume from {kept[-1].name} with --resume" if kept else "no checkpoint of this run is on disk"
+        raise CheckpointWriteError(err.errno, f"the final checkpoint (step {step}) of {run_dir} was not written: "
+                                              f"{err}; {resume}")
     return result
 
 
@@ -230,21 +252,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# keys that say what a run is trained on and what it trains: a resumed run keeps them
+_RUN_SECTIONS = ("data", "tokenizer", "model")
+_FREE_KEYS = ("model.vocab_size", "train.run_name", "train.out_dir", "data.cache_dir")  # derived or locations
+_CORPUS_KEYS = tuple(f"data.{name}" for name in _STREAM_FIELDS) + tuple(
+    f"tokenizer.{f.name}" for f in dataclasses.fields(config_lib.TokenizerConfig))
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config_lib.to_dict(cfg).items()
+            if isinstance(values, dict) for key, value in values.items()}
+
+
+def _override_value(overrides: Sequence[str], key: str, default: Any) -> Any:
+    """The value ``key=...`` sets among ``overrides`` (the last one), without validating anything else."""
+    for item in reversed(overrides):
+        name, sep, value = item.partition("=")
+        if sep and name.strip() == key:
+            return value.strip() or default
+    return default
+
+
+def resume_config(run_dir: Path, overrides: Sequence[str], preset: Optional[str] = None) -> Config:
+    """The config of a resumed run: the run's own config.yaml plus ``overrides`` (checked against the run, not a
+    preset). Overrides may not switch the corpus or tokenizer; ``preset`` (``--config``) may only repeat the
+    run's data, tokenizer and model settings (its other values are not used: the run's are kept, and said)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"run '{run_dir}' has no config.yaml to resume")
+    base = config_lib.load(str(saved))
+    cfg = config_lib.load(str(saved), overrides)
+    before, after = _flat(base), _flat(cfg)
+    switched = [k for k in _CORPUS_KEYS
+                if before[k] != after[k] and not (k == "data.source" and _same_path(before[k], after[k]))]
+    if switched:
+        key = switched[0]
+        raise ValueError(f"config key '{key}': the run {run_dir} was trained with {before[key]!r}, the override "
+                         f"gives {after[key]!r}; a resumed run keeps its corpus and tokenizer (start a new run "
+                         "to change them)")
+    if preset is not None:
+        other = _flat(config_lib.load(preset, overrides))
+        differ = [k for k in after if k.split(".")[0] in _RUN_SECTIONS and k not in _FREE_KEYS
+                  and other[k] != after[k] and not (k == "data.source" and _same_path(other[k], after[k]))]
+        if differ:
+            key = min(differ, key=lambda k: (k != "data.source", k not in _CORPUS_KEYS))  # a switched corpus first
+            raise ValueError(f"incompatible config: --config {preset} gives {key}={other[key]!r}, the run "
+                             f"{run_dir} has {after[key]!r} (in its config.yaml){' and more' if len(differ) > 1 else ''}"
+                             f"; a resumed run continues its own config: drop --config, or override single keys "
+                             f"with key=value")
+        kept = [k for k in after if k not in _FREE_KEYS and other[k] != after[k]]
+        if kept:
+            print(f"note: --config {preset} differs from the run's config.yaml in {', '.join(kept[:3])}"
+                  f"{', ...' if len(kept) > 3 else ''}; the run's values are kept (override them with key=value)")
+    return cfg
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
-    """The config: preset + overrides; when resuming without --config, the run's saved config + overrides."""
+    """The config: preset + overrides; when resuming, the run's saved config + overrides (:func:`resume_config`)."""
     run_dir = args.run_dir
-    if args.resume and args.config is None:
-        probe = config_lib.load("base", args.overrides)
-        run_dir = run_dir or find_run_dir(probe.train.out_dir, probe.train.run_name)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"run '{run_dir}' has no config.yaml to resume")
-        return config_lib.load(str(saved), args.overrides), run_dir
+    if args.resume:
+        defaults = config_lib.TrainConfig()
+        run_dir = run_dir or find_run_dir(_override_value(args.overrides, "train.out_dir", defaults.out_dir),
+                                          _override_value(args.overrides, "train.run_name", defaults.run_name))
+        return resume_config(Path(run_dir), args.overrides, args.config), run_dir
     return config_lib.load(args.config or "base", args.overrides), run_dir
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    args = config_lib.parse_args(build_parser(), argv)
     cfg, run_dir = resolve_config(args)
     config_lib.apply_runtime(cfg.impl)  # XLA flags, compilation cache: before anything starts the JAX backend
     result = pretrain(cfg, run_dir=run_dir, resume=args.resume, console=not args.quiet)

@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxbert quickstart", description=__doc__.splitlines()[0])
     config_lib.add_config_arguments(parser, default_preset="quickstart")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = config_lib.parse_args(parser, argv)
     started = time.perf_counter()
     cfg = quickstart_config(args.overrides, args.config)
     print(f"1/3 tokenizer and data: {cfg.data.source}")

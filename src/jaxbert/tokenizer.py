@@ -13,18 +13,23 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
 import os
+import shutil
+import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .config import TokenizerConfig
+from .fileio import write_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB_MULTIPLE = 64  # embedding rows are kept a multiple of this (fast matmuls on accelerators)
@@ -167,9 +172,7 @@ def _truncate_longest_first(a: list[int], b: Optional[list[int]], budget: int) -
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -244,63 +247,154 @@ def round_vocab_size(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return int(math.ceil(size / multiple) * multiple)
 
 
-def _batched(documents: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+MAX_PIECE_CHARS = 1 << 16  # longer documents are encoded (and counted for training) in pieces of this size
+
+
+def text_pieces(text: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``max_chars`` characters, each cut just after a space, tab or
+    newline: BERT's pre-tokenizer never joins words across whitespace, so the pieces encode to exactly the ids of
+    the whole text while the tokenizer's memory stays bounded. A stretch of ``max_chars`` characters without
+    whitespace is cut where it is (such a "word" is far over the 100-character limit and [UNK] either way)."""
+    start, n = 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end), text.rfind("\t", start + 1, end))
+        cut = end if cut < 0 else cut + 1
+        yield text[start:cut]
+        start = cut
+    if start < n or n == 0:
+        yield text[start:]
+
+
+def _pieces(documents: Iterable[str]) -> Iterator[str]:
     for doc in documents:
-        batch.append(doc)
-        if len(batch) == size:
+        yield from text_pieces(doc)
+
+
+def _batched(texts: Iterable[str], size: int, max_chars: int = 4 * MAX_PIECE_CHARS) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
-def _pad_vocab(tok: tokenizers.Tokenizer, target: int) -> None:
-    """Append ``[unusedN]`` tokens until the model's vocabulary has ``target`` entries (they never match text:
+def _pad_vocab(vocab: dict[str, int], target: int) -> dict[str, int]:
+    """``vocab`` with ``[unusedN]`` tokens appended until it has ``target`` entries (they never match text:
     BertPreTokenizer splits ``[`` off as punctuation)."""
-    vocab = tok.get_vocab(with_added_tokens=True)
+    vocab = dict(vocab)
     n = 0
     while len(vocab) < target:
         name = f"[unused{n}]"
         if name not in vocab:
             vocab[name] = len(vocab)
         n += 1
-    tok.model = _wordpiece(vocab)
+    return vocab
 
 
-def train_tokenizer(documents: Iterable[str], cfg: TokenizerConfig, progress: bool = True,
-                    length: Optional[int] = None) -> Tokenizer:
+def _is_punctuation(char: str) -> bool:
+    """BERT's punctuation (the pre-tokenizer makes each one a word of its own)."""
+    code = ord(char)
+    return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or \
+        unicodedata.category(char).startswith("P")
+
+
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_cjk(char: str) -> bool:
+    """CJK ideographs, which BERT's normalizer surrounds with spaces (each one a word of its own)."""
+    code = ord(char)
+    return any(low <= code <= high for low, high in _CJK)
+
+
+def count_characters(texts: Iterable[str], normalizer: normalizers.Normalizer) -> collections.Counter:
+    """How often each character occurs in the normalized texts, whitespace excluded (what the trainer counts)."""
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        counts.update(normalizer.normalize_str(text))
+    for char in [c for c in counts if c.isspace()]:
+        del counts[char]
+    return counts
+
+
+def choose_alphabet(counts: collections.Counter, limit: int) -> tuple[list[str], list[str]]:
+    """(alphabet, continuing symbols): the ``limit`` most frequent characters (ties by code point), and
+    ``##c`` for each of them that can continue a word (not punctuation, not CJK), both in a fixed order."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+    alphabet = sorted(char for char, _ in ranked)
+    return alphabet, [f"##{c}" for c in alphabet if not _is_punctuation(c) and not _is_cjk(c)]
+
+
+def _rebuild(vocab: dict[str, int], lowercase: bool) -> tokenizers.Tokenizer:
+    tok = _bert_pipeline(tokenizers.Tokenizer(_wordpiece(vocab)), lowercase)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    _set_template(tok)
+    return tok
+
+
+def _document_source(documents: Iterable[str] | Callable[[], Iterable[str]]) -> Callable[[], Iterable[str]]:
+    if callable(documents):
+        return documents
+    if iter(documents) is documents:  # type: ignore[arg-type]
+        raise TypeError("train_tokenizer reads the documents twice: pass a list or a function returning a "
+                        "fresh iterator, not a one-shot iterator")
+    return lambda: documents  # type: ignore[return-value]
+
+
+def train_tokenizer(documents: Iterable[str] | Callable[[], Iterable[str]], cfg: TokenizerConfig,
+                    progress: bool = True, length: Optional[int] = None) -> Tokenizer:
     """Train a BERT WordPiece tokenizer on a stream of documents (never held in memory at once).
 
-    Specials ``[PAD] [UNK] [CLS] [SEP] [MASK]`` get ids 0..4; the vocabulary size is ``cfg.vocab_size`` rounded
-    up to a multiple of 64 (padded with ``[unusedN]`` when the corpus is too small to fill it). ``length`` is a
+    ``documents`` is read twice: a list, or a function returning a fresh iterator of documents. Specials
+    ``[PAD] [UNK] [CLS] [SEP] [MASK]`` get ids 0..4; the vocabulary size is ``cfg.vocab_size`` rounded up to a
+    multiple of 64 (padded with ``[unusedN]`` when the corpus is too small to fill it). ``length`` is a
     document-count hint for the progress bar (default: ``len(documents)`` or ``cfg.max_documents``).
+
+    The result depends only on the documents and ``cfg``: HF's trainer numbers the continuing symbols
+    (``##c``) in the order of its hash map, which differs from run to run and decides ties between equally
+    frequent merges; here the alphabet is counted first (:func:`choose_alphabet`) and handed to the trainer
+    with every continuing symbol already numbered, so every id, and therefore every tie, is fixed.
     """
+    source = _document_source(documents)
     target = round_vocab_size(cfg.vocab_size)
     tok = _bert_pipeline(tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##",
                                                                 max_input_chars_per_word=100)), cfg.lowercase)
     if length is None:
-        length = len(documents) if hasattr(documents, "__len__") else cfg.max_documents  # type: ignore[arg-type]
+        first = documents if not callable(documents) else None
+        length = len(first) if hasattr(first, "__len__") else cfg.max_documents  # type: ignore[arg-type]
     if cfg.max_documents is not None:
-        documents = _take(documents, cfg.max_documents)
         length = min(length, cfg.max_documents) if length is not None else cfg.max_documents
-    if progress and length is None:  # no count for the Rust progress bar: count documents as they are read
-        from tqdm.auto import tqdm
 
-        documents = tqdm(documents, unit="docs", desc="tokenizer: reading", mininterval=2.0)
+    def read(desc: str) -> Iterator[str]:
+        docs: Iterable[str] = source()
+        if cfg.max_documents is not None:
+            docs = _take(docs, cfg.max_documents)
+        if progress:
+            from tqdm.auto import tqdm
+
+            docs = tqdm(docs, unit="docs", desc=desc, total=length, mininterval=2.0)
+        return _pieces(docs)
+
+    alphabet, continuing = choose_alphabet(count_characters(read("tokenizer: alphabet"), tok.normalizer),
+                                           cfg.alphabet)
     trainer = trainers.WordPieceTrainer(vocab_size=target, min_frequency=cfg.min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
-                                        limit_alphabet=cfg.alphabet, show_progress=progress and length is not None)
-    tok.train_from_iterator(_batched(documents, _TRAIN_BATCH), trainer=trainer, length=length)
-    size = tok.get_vocab_size(with_added_tokens=True)
-    if size <= len(SPECIAL_TOKENS):
+                                        special_tokens=[*SPECIAL_TOKENS, *continuing], initial_alphabet=alphabet,
+                                        limit_alphabet=len(alphabet), continuing_subword_prefix="##",
+                                        show_progress=False)
+    tok.train_from_iterator(_batched(read("tokenizer: merges"), _TRAIN_BATCH), trainer=trainer)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if len(vocab) <= len(SPECIAL_TOKENS) + len(continuing):
         raise ValueError("tokenizer training: the corpus produced no tokens (is it empty?)")
-    if size != target:
-        if size > target:  # the trainer may overshoot by the alphabet; round up instead of cutting tokens
-            target = round_vocab_size(size)
-        _pad_vocab(tok, target)
-    _set_template(tok)
-    return Tokenizer(tok, source="trained")
+    if len(vocab) > target:  # the trainer may overshoot by the alphabet; round up instead of cutting tokens
+        target = round_vocab_size(len(vocab))
+    return Tokenizer(_rebuild(_pad_vocab(vocab, target), cfg.lowercase), source="trained")
 
 
 def _take(items: Iterable[str], n: int) -> Iterator[str]:
@@ -313,17 +407,46 @@ def _take(items: Iterable[str], n: int) -> Iterator[str]:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be new or an empty directory: nothing already there is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"tokenizer train --out {out}: is a file; expected a new or empty directory")
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise ValueError(f"tokenizer train --out {out}: not empty (holds {shown}); expected a new or empty "
+                             "directory, so that nothing there is overwritten")
+
+
+def save_new(tok: Tokenizer, out: Path) -> Path:
+    """Save into a temporary sibling of ``out`` and rename it into place (``out`` new or empty): a failure
+    leaves neither a partial directory nor temporary files."""
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tok.save(tmp)
+        os.rename(tmp, out)  # replaces an empty directory; fails on one that was filled meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _train_command(args: argparse.Namespace) -> int:
     from . import config as config_module
     from .data.corpus import iter_documents
 
     cfg = config_module.from_args(args)
     out = Path(args.out)
-    documents = iter_documents(cfg.data, workers=cfg.impl.workers or None)  # a missing source fails here
+    check_out_dir(out)  # before the training, not after
+    iter_documents(cfg.data)  # a missing source fails here
     print(f"training a WordPiece tokenizer (vocab {round_vocab_size(cfg.tokenizer.vocab_size)}) "
           f"on {cfg.data.source}")
-    tok = train_tokenizer(documents, cfg.tokenizer, progress=not args.quiet)
-    tok.save(out)
+    tok = train_tokenizer(lambda: iter_documents(cfg.data, workers=cfg.impl.workers or None), cfg.tokenizer,
+                          progress=not args.quiet)
+    save_new(tok, out)
     print(f"saved {tok.vocab_size} tokens (vocab hash {tok.vocab_hash()}) to {out}/tokenizer.json and vocab.txt")
     return 0
 
@@ -337,7 +460,7 @@ def _encode_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import add_config_arguments
+    from .config import add_config_arguments, parse_args
 
     parser = argparse.ArgumentParser(prog="jaxbert tokenizer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -349,5 +472,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     encode.add_argument("tokenizer", help="tokenizer.json, vocab.txt or a directory holding one")
     encode.add_argument("text")
     encode.add_argument("--cased", action="store_true", help="no lowercasing (only for a bare vocab.txt)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in sub.choices:  # options and key=value overrides in any order
+        args = parse_args(sub.choices[argv[0]], argv[1:])
+        args.action = argv[0]
+    else:
+        args = parser.parse_args(argv)
     return _train_command(args) if args.action == "train" else _encode_command(args)

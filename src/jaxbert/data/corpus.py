@@ -8,8 +8,9 @@ Sources (``data.source``) and formats (``data.format``, ``auto`` detects from th
 - ``wikidump``: a raw MediaWiki ``pages-articles*.xml`` or ``.xml.bz2`` dump, streamed with ``iterparse``;
   redirects and non-article namespaces are skipped and the wikitext is turned into plain text
   (:mod:`jaxbert.data.wikidump`, in worker processes).
-- ``text``: ``.txt`` files (optionally ``.txt.bz2``), documents separated by one or more blank lines (BERT's
-  original corpus layout); lines within a document are kept.
+- ``text``: ``.txt`` files (optionally ``.txt.bz2``); ``data.text_format`` says how documents are separated:
+  ``blank-line`` (one or more blank lines, BERT's original corpus layout; lines within a document are kept),
+  ``line`` (one document per line), or ``auto`` (detected from the first file and logged).
 - ``jsonl`` / ``json`` / ``csv`` / ``parquet``: local files read by ``datasets`` in streaming mode; the text is
   in ``data.text_column``.
 - ``hf:<name>``: a dataset on the HuggingFace hub (``data.hf_config``, ``data.hf_split``), streamed.
@@ -50,16 +51,34 @@ def open_text(path: Path) -> IO[str]:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
 
 
+def _open_binary(path: Path) -> IO[bytes]:
+    return bz2.open(path, "rb") if path.suffix == ".bz2" else open(path, "rb")
+
+
+_LINE = re.compile(r"[^\n]*\n|[^\n]+")
+
+
 def _read_lines(path: Path) -> Iterator[str]:
-    """Lines of ``path``; decoding and decompression failures become one CorpusError naming the file."""
+    """Lines of ``path`` (universal newlines, ends kept); decoding and decompression failures become one
+    CorpusError naming the file and, for bad UTF-8, the exact byte offset and line."""
+    offset = 0
     try:
-        with open_text(path) as handle:
-            yield from handle
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    where = "of the decompressed text " if path.suffix == ".bz2" else ""
+                    raise CorpusError(f"{path}: not UTF-8 text at byte {offset + err.start} {where}(line {number}); "
+                                      "expected a UTF-8 text corpus file") from None
+                offset += len(raw)
+                if "\r" in line:
+                    yield from _LINE.findall(line.replace("\r\n", "\n").replace("\r", "\n"))
+                else:
+                    yield line
     except (OSError, EOFError) as err:
         kind = "corrupt or truncated bz2 file" if path.suffix == ".bz2" else "cannot be read"
         raise CorpusError(f"{path}: {kind} ({err})") from None
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path}: not UTF-8 text (byte {err.start}); expected a text corpus file") from None
 
 
 def _files(root: Path, keep) -> list[Path]:
@@ -140,8 +159,13 @@ def _wikiextractor_text(title: str, lines: list[str]) -> str:
     return "\n".join(lines)
 
 
-def read_text_file(path: Path) -> Iterator[str]:
-    """Documents of a text file: blocks separated by blank lines."""
+def read_text_file(path: Path, text_format: str = "blank-line") -> Iterator[str]:
+    """Documents of a text file: blocks separated by blank lines ("blank-line"), or one per line ("line")."""
+    if text_format == "line":
+        for line in _read_lines(path):
+            if line.strip():
+                yield line.rstrip("\r\n")
+        return
     block: list[str] = []
     for line in _read_lines(path):
         if line.strip():
@@ -153,6 +177,25 @@ def read_text_file(path: Path) -> Iterator[str]:
         yield "\n".join(block)
 
 
+def detect_text_format(path: Path, max_lines: int = 1000) -> tuple[str, str]:
+    """("line" or "blank-line", the reason): "line" when the first ``max_lines`` lines of ``path`` hold at least two
+    text lines and no blank line between text lines (a corpus with one document per line)."""
+    text_lines, blank_between, pending_blank = 0, False, False
+    for number, line in enumerate(_read_lines(path)):
+        if number >= max_lines:
+            break
+        if not line.strip():
+            pending_blank = text_lines > 0
+            continue
+        blank_between = blank_between or pending_blank
+        text_lines += 1
+    if text_lines >= 2 and not blank_between:
+        return "line", f"no blank line between its first {text_lines} text lines"
+    if blank_between:
+        return "blank-line", "blank lines separate its text"
+    return "blank-line", f"{text_lines} text line(s)"
+
+
 def _wikiextractor(root: Path) -> Iterator[str]:
     files = _files(root, lambda p: bool(_WIKIEXTRACTOR_NAME.match(p.name)) or root.is_file())
     if not files:
@@ -161,12 +204,16 @@ def _wikiextractor(root: Path) -> Iterator[str]:
         yield from read_wikiextractor_file(path)
 
 
-def _text(root: Path) -> Iterator[str]:
+def _text(root: Path, text_format: str) -> Iterator[str]:
     files = _files(root, lambda p: p.name.lower().endswith((".txt", ".txt.bz2")))
     if not files:
         raise CorpusError(f"{root}: no .txt files")
+    if text_format == "auto":
+        text_format, reason = detect_text_format(files[0])
+        print(f"data.text_format=auto: reading {root} as text_format={text_format} ({files[0].name}: {reason}; "
+              "set data.text_format=line or blank-line to choose)")
     for path in files:
-        yield from read_text_file(path)
+        yield from read_text_file(path, text_format)
 
 
 def _wikidump(root: Path, workers: Optional[int]) -> Iterator[str]:
@@ -270,7 +317,7 @@ def _raw_documents(cfg: DataConfig, workers: Optional[int]) -> Iterator[str]:
     if fmt == "wikidump":
         return _wikidump(root, workers)
     if fmt == "text":
-        return _text(root)
+        return _text(root, cfg.text_format)
     if fmt in TABLE_FORMATS:
         return _local_table(root, fmt, cfg.text_column)
     raise CorpusError(f"data.format={fmt!r} is not a file format")

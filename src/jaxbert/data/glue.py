@@ -17,6 +17,7 @@ Pair encoding and batching live in :mod:`jaxbert.data.pairs`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import warnings
@@ -159,9 +160,22 @@ class SplitData:
 # ------------------------------------------------------------------------------------------------ tables
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a leading BOM dropped: MRPC's header carries one); bad bytes are one ValueError
+    naming the file, the byte offset in the file and the line."""
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ValueError(f"file {path}: not UTF-8 text at byte {offset} (line {line}); expected a UTF-8 "
+                         f"{path.suffix.lstrip('.') or 'text'} file") from None
+
+
 def _read_tsv(path: Path, names: Optional[tuple[str, ...]]) -> dict[str, list]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:  # utf-8-sig: MRPC's header carries a BOM
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     start = 0
     if names is None:
         if not rows:
@@ -200,18 +214,16 @@ def read_table(path: str | Path, names: Optional[tuple[str, ...]] = None) -> dic
     if suffix == ".tsv":
         return _read_tsv(path, names)
     if suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            return _columns_of(list(csv.DictReader(handle)))
+        return _columns_of(list(csv.DictReader(io.StringIO(read_text(path), newline=""))))
     if suffix in (".jsonl", ".json"):
         records = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        message = f"file {path} line {number}: not JSON (expected one object per line)"
-                        raise ValueError(message) from None
+        for number, line in enumerate(io.StringIO(read_text(path)), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    message = f"file {path} line {number}: not JSON (expected one object per line)"
+                    raise ValueError(message) from None
         return _columns_of(records)
     if suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,15 +39,17 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from ..config import Config
-from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .. import fileio
+from ..fileio import write_atomic, write_failed
+from ..tokenizer import Tokenizer, load_tokenizer, text_pieces, train_tokenizer
 from .corpus import iter_documents
 from .loader import Prefetcher, TokenStream
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 # DataConfig fields that change the token stream (seq_len, masking and cache_dir do not)
-_STREAM_FIELDS = ("source", "format", "text_column", "hf_config", "hf_split", "min_doc_chars", "max_documents",
-                  "val_fraction")
+_STREAM_FIELDS = ("source", "format", "text_format", "text_column", "hf_config", "hf_split", "min_doc_chars",
+                  "max_documents", "val_fraction")
 
 
 class DatasetMismatchError(ValueError):
@@ -101,12 +104,19 @@ def resolve_tokenizer(cfg: Config, progress: bool = True) -> Tokenizer:
     if (folder / "tokenizer.json").is_file():
         print(f"reusing the tokenizer trained for these settings: {folder}")
         return load_tokenizer(folder)
-    documents = iter_documents(cfg.data, workers=cfg.impl.workers or None)  # a missing source fails here
+    iter_documents(cfg.data)  # a missing source fails here
     print(f"training a WordPiece tokenizer (vocab {cfg.tokenizer.vocab_size}) on {cfg.data.source}")
-    tokenizer = train_tokenizer(documents, cfg.tokenizer, progress=progress)
+    tokenizer = train_tokenizer(lambda: iter_documents(cfg.data, workers=cfg.impl.workers or None), cfg.tokenizer,
+                                progress=progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(folder.parent)
     tmp = folder.with_name(f"{folder.name}{_tmp_suffix()}")
-    tokenizer.save(tmp)
-    _publish(tmp, folder)
+    try:
+        tokenizer.save(tmp)
+        _publish(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"saved the tokenizer ({tokenizer.vocab_size} tokens) to {folder}")
     return load_tokenizer(folder)
 
@@ -135,9 +145,12 @@ def prepare(cfg: Config, tokenizer: Optional[Tokenizer] = None, progress: bool =
     try:
         started = time.time()
         stats = write_streams(cfg, tokenizer, tmp, progress)
+        problem = split_problem(cfg, stats)
+        if problem is not None:  # still prepared (other seq_len settings may suffice), but pretraining will refuse
+            print(f"warning: {problem}", file=sys.stderr)
         tokenizer.save(tmp)
         meta = _meta(cfg, tokenizer, stats, time.time() - started)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks the directory complete
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))  # last: marks the directory complete
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +158,23 @@ def prepare(cfg: Config, tokenizer: Optional[Tokenizer] = None, progress: bool =
     counts = ", ".join(f"{s} {stats[s]['tokens']:,} tokens / {stats[s]['documents']:,} docs" for s in SPLITS)
     print(f"prepared {final}: {counts} ({meta['seconds']:.1f} s)")
     return final
+
+
+def split_problem(cfg: Config, stats: dict[str, dict[str, Any]]) -> Optional[str]:
+    """Why the splits cannot be pretrained on (None when they can): each must hold at least one sequence of
+    ``data.seq_len`` tokens, as pretraining trains on one and evaluates on the other."""
+    total = sum(s["documents"] for s in stats.values())
+    for split in SPLITS:
+        tokens, docs = stats[split]["tokens"], stats[split]["documents"]
+        if tokens < cfg.data.seq_len:
+            hint = ("raise data.val_fraction or add documents" if split == "validation" else
+                    "add documents or lower data.val_fraction")
+            if total < 10 and cfg.data.text_format != "line":
+                hint += " (one document per line? set data.text_format=line)"
+            return (f"corpus {cfg.data.source}: the {split} split has {docs} of {total} document(s), {tokens} "
+                    f"tokens (data.val_fraction={cfg.data.val_fraction:g}); expected at least one sequence of "
+                    f"data.seq_len={cfg.data.seq_len} tokens: {hint}")
+    return None
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -214,71 +244,123 @@ def _threads(workers: int) -> Iterator[None]:
 
 
 class _Writer:
-    """Appends documents (each followed by the separator) to one split's file."""
+    """Appends token ids to one split's file; a document ends with the separator."""
 
     def __init__(self, path: Path, dtype: np.dtype, sep: int):
-        self.handle = open(path, "wb")
+        self.path = path
+        try:
+            self.handle = fileio.open_write(path)
+        except OSError as err:
+            raise write_failed(path, err) from None
         self.dtype, self.sep = dtype, sep
         self.tokens = self.documents = 0
 
-    def write(self, docs: list[list[int]]) -> None:
-        if not docs:
+    def write(self, parts: list[np.ndarray], ends: int) -> None:
+        """Write ``parts`` (id arrays, separators already in place) holding the ends of ``ends`` documents."""
+        if not parts:
             return
-        flat: list[int] = []
-        for ids in docs:
-            flat.extend(ids)
-            flat.append(self.sep)
-        self.handle.write(np.asarray(flat, dtype=self.dtype).tobytes())
+        flat = np.concatenate(parts).astype(self.dtype, copy=False)
+        try:
+            self.handle.write(flat.tobytes())
+        except OSError as err:
+            raise write_failed(self.path, err, "the prepared dataset was not created") from None
         self.tokens += len(flat)
-        self.documents += len(docs)
+        self.documents += ends
 
     def close(self) -> dict[str, Any]:
-        self.handle.close()
-        return {"file": Path(self.handle.name).name, "tokens": self.tokens, "documents": self.documents}
+        try:
+            self.handle.close()
+        except OSError as err:
+            raise write_failed(self.path, err, "the prepared dataset was not created") from None
+        return {"file": self.path.name, "tokens": self.tokens, "documents": self.documents}
 
 
-def _batch_ids(tokenizer: Tokenizer, batch: list[str]) -> list[list[int]]:
-    return [e.ids for e in tokenizer.encode_batch_raw(batch)]  # the Encoding objects are freed at once
+def _piece_stream(documents: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """(piece, ends its document) for every piece of every document (:func:`text_pieces`)."""
+    for doc in documents:
+        pieces = text_pieces(doc)
+        previous = next(pieces)
+        for piece in pieces:
+            yield previous, False
+            previous = piece
+        yield previous, True
 
 
-def _encoded(batches: Iterable[list[str]], tokenizer: Tokenizer) -> Iterator[list[list[int]]]:
-    """Token ids of each batch, in order. The next batch is encoded in a helper thread (the Rust encoder runs
-    without the GIL) while the caller writes the previous one, so the encoder never waits on the writer."""
+def batch_pieces(pieces: Iterable[tuple[str, bool]], size: int,
+                 max_chars: int = 2_000_000) -> Iterator[list[tuple[str, bool]]]:
+    """Batches of up to ``size`` document pieces, cut early at ``max_chars`` characters so memory stays bounded
+    whatever the document lengths (a batch's encodings take ~100 bytes per token)."""
+    batch: list[tuple[str, bool]] = []
+    chars = 0
+    for item in pieces:
+        batch.append(item)
+        chars += len(item[0])
+        if len(batch) >= size or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _batch_ids(tokenizer: Tokenizer, batch: list[tuple[str, bool]], dtype: np.dtype) -> list[np.ndarray]:
+    """Token ids of each piece, the separator appended to the last piece of a document."""
+    sep = tokenizer.special.sep
+    encodings = tokenizer.encode_batch_raw([text for text, _ in batch])
+    return [np.asarray(e.ids + [sep] if end else e.ids, dtype) for e, (_, end) in zip(encodings, batch)]
+
+
+def _encoded(batches: Iterable[list[tuple[str, bool]]], tokenizer: Tokenizer,
+             dtype: np.dtype) -> Iterator[tuple[list[bool], list[np.ndarray]]]:
+    """(ends, ids) of each batch of pieces, in order. The next batch is encoded in a helper thread (the Rust
+    encoder runs without the GIL) while the caller writes the previous one, so the encoder never waits."""
     with ThreadPoolExecutor(1, thread_name_prefix="jaxbert-encode") as pool:
-        pending: Optional[Future] = None
+        pending: Optional[tuple[list[bool], Future]] = None
         for batch in batches:
-            job = pool.submit(_batch_ids, tokenizer, batch)
+            job = ([end for _, end in batch], pool.submit(_batch_ids, tokenizer, batch, dtype))
             if pending is not None:
-                yield pending.result()
+                yield pending[0], pending[1].result()
             pending = job
         if pending is not None:
-            yield pending.result()
+            yield pending[0], pending[1].result()
 
 
 def write_streams(cfg: Config, tokenizer: Tokenizer, out: Path, progress: bool = True,
                   documents: Optional[Iterator[str]] = None) -> dict[str, dict[str, Any]]:
-    """Encode the corpus (or ``documents``) into ``out/train.bin`` and ``out/validation.bin``; return counts."""
+    """Encode the corpus (or ``documents``) into ``out/train.bin`` and ``out/validation.bin``; return counts.
+
+    Long documents are encoded in pieces (:func:`text_pieces`, the same ids as whole), so memory stays flat
+    whatever the length of a document."""
     from tqdm.auto import tqdm
 
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _Writer(out / f"{s}.bin", dtype, tokenizer.special.sep) for s in SPLITS}
     docs = documents if documents is not None else iter_documents(cfg.data, workers=cfg.impl.workers or None)
-    reader = Prefetcher(batch_documents(docs, cfg.impl.encode_batch), depth=4)
+    reader = Prefetcher(batch_pieces(_piece_stream(docs), cfg.impl.encode_batch), depth=4)
     bar = tqdm(total=cfg.data.max_documents, unit="docs", desc="prepare", disable=not progress, smoothing=0.1)
-    index = 0
+    index = 0  # index of the document the next piece belongs to
+    stats: dict[str, dict[str, Any]] = {}
     try:
         with _threads(cfg.impl.workers):
-            for ids in _encoded(reader, tokenizer):
-                val = is_validation(np.arange(index, index + len(ids)), cfg.data.val_fraction)
-                writers["train"].write([x for x, v in zip(ids, val) if not v])
-                writers["validation"].write([x for x, v in zip(ids, val) if v])
-                index += len(ids)
-                bar.update(len(ids))
+            for ends, ids in _encoded(reader, tokenizer, dtype):
+                owners = index + np.cumsum([0, *ends[:-1]])
+                val = is_validation(owners, cfg.data.val_fraction)
+                for split, chosen in (("train", ~val), ("validation", val)):
+                    picked = np.flatnonzero(chosen)
+                    writers[split].write([ids[k] for k in picked], sum(ends[k] for k in picked))
+                index += sum(ends)
+                bar.update(sum(ends))
                 bar.set_postfix(tokens=f"{writers['train'].tokens + writers['validation'].tokens:,}", refresh=False)
     finally:
         reader.close()
         bar.close()
-        stats = {s: w.close() for s, w in writers.items()}
+        failures = []
+        for split, writer in writers.items():  # close every file, even when one fails (a full disk)
+            try:
+                stats[split] = writer.close()
+            except OSError as err:
+                failures.append(err)
+    if failures:
+        raise failures[0]
     return stats
 
 
@@ -353,13 +435,13 @@ def load_prepared(cfg: Config, progress: bool = True, log: Optional[Callable[[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..config import add_config_arguments, from_args
+    from ..config import add_config_arguments, from_args, parse_args
 
     parser = argparse.ArgumentParser(prog="jaxbert prepare", description="Tokenize a corpus into a memmap token "
                                      "stream (train.bin, validation.bin, meta.json) under data.cache_dir.")
     add_config_arguments(parser, default_preset="base")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parse_args(parser, argv)
     cfg = from_args(args)
     path = prepare(cfg, progress=not args.quiet)
     open_dataset(path)
