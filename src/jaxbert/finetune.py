@@ -44,7 +44,7 @@ from .metrics import compute, task_score
 from .model import BertForClassification
 from .optim import one_cycle, set_learning_rate
 from .precision import LossScale, Policy, all_finite
-from .tracking import JsonlTracker, Trackers, WandbTracker
+from .tracking import JsonlTracker, TensorBoardTracker, Trackers, WandbTracker
 
 Log = Callable[[str], None]
 
@@ -179,10 +179,13 @@ class FinetuneResult:
 
 
 def make_tracker(cfg: Config, run_dir: Path) -> Trackers:
-    """metrics.jsonl in the run dir (unless tracking.jsonl=false) and Weights & Biases when tracking.wandb=true."""
+    """metrics.jsonl in the run dir (unless tracking.jsonl=false), Weights & Biases (tracking.wandb=true) and
+    TensorBoard (tracking.tensorboard=true)."""
     trackers: list = [JsonlTracker(run_dir / "metrics.jsonl")] if cfg.tracking.jsonl else []
     if cfg.tracking.wandb:
         trackers.append(WandbTracker(cfg, run_dir, f"{run_dir.parent.name}-{run_dir.name}"))
+    if cfg.tracking.tensorboard:
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
     return Trackers(trackers)
 
 
