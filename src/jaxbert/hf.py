@@ -23,6 +23,7 @@ from . import config as config_lib
 from .hf_convert import hf_config_from_model, hf_state_to_model, model_config_from_hf, model_to_hf_state
 from .hf_export import export_hf, label_names, load_source
 from .hf_import import import_hf
+from .modelcard import card_for
 
 __all__ = ["import_hf", "export_hf", "load_source", "hf_state_to_model", "model_to_hf_state",
            "model_config_from_hf", "hf_config_from_model", "import_main", "export_main"]
@@ -76,7 +77,8 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.simplefilter("always")
         model, tokenizer, meta = load_source(args.source)
         labels = None if meta is None else label_names(meta, model.num_labels)
-        out = export_hf(model, tokenizer, args.out, id2label=labels, pooling=args.pooling, normalize=args.normalize)
+        out = export_hf(model, tokenizer, args.out, id2label=labels, pooling=args.pooling, normalize=args.normalize,
+                        card=card_for(args.source))
     _show_warnings(caught)
     cfg = model.config
     arch = ("BERT" if cfg.post_ln else "RobertaPreLayerNorm") + (" + MLM head" if meta is None else
