@@ -34,7 +34,8 @@ def offline(monkeypatch):
 
 def _tokenizer(tmp_path: Path):
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters] + list(".,!?") + WORDS
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = specials + letters + ["##" + c for c in letters] + list(".,!?") + WORDS
     (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t in tokens))
     return load_tokenizer(tmp_path / "vocab.txt")
 

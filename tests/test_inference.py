@@ -15,7 +15,7 @@ import jaxbert
 from jaxbert import config
 from jaxbert.checkpoint import save_model
 from jaxbert.cli import main as cli_main
-from jaxbert.data.glue import custom_task_from, infer_labels
+from jaxbert.data.glue import Columns, custom_task_from, infer_labels
 from jaxbert.embed import embed
 from jaxbert.fill_mask import fill_mask
 from jaxbert.model import BertForMLM
@@ -48,14 +48,12 @@ def test_infer_labels_classes_and_regression():
     assert infer_labels(["3.8", "1", "0.25"], "f") == ()  # a non-integer number: regression
     with pytest.raises(ValueError, match="f row 2: empty label"):
         infer_labels(["a", ""], "f")
-    task = custom_task_from({"review": ["a", "b"], "text_b": ["c", "d"], "stars": [1, 2]}, "t.csv",
-                            columns=__import__("jaxbert.data.glue", fromlist=["Columns"]).Columns(
-                                text_a="review", label="stars"))
+    table = {"review": ["a", "b"], "text_b": ["c", "d"], "stars": [1, 2]}
+    task = custom_task_from(table, "t.csv", Columns(text_a="review", label="stars"))
     assert (task.text_a, task.text_b, task.label, task.labels, task.metrics) == (
         ("review",), ("text_b",), ("stars",), ("1", "2"), ("accuracy",))
-    with pytest.raises(ValueError, match="column 'nope' \\(label\\) not found"):
-        custom_task_from({"text": ["a"], "label": [1]}, "t.csv", __import__("jaxbert.data.glue",
-                                                                              fromlist=["Columns"]).Columns(label="nope"))
+    with pytest.raises(ValueError, match=r"column 'nope' \(label\) not found"):
+        custom_task_from({"text": ["a"], "label": [1]}, "t.csv", Columns(label="nope"))
 
 
 def _custom_files(root: Path, rng, regression: bool = False) -> dict[str, Path]:
@@ -102,6 +100,9 @@ def test_custom_classification_predict_and_evaluate_match_the_run(tmp_path, caps
     meta = json.loads((run_dir / "best" / "finetuned.json").read_text())
     assert meta["task"] == "custom" and meta["labels"] == ["bad", "good", "meh"] and meta["num_labels"] == 3
     saved = config.load_saved(run_dir / "best")
+    card = (run_dir / "best" / "README.md").read_text()
+    assert "finetuned on custom" in card and "Outputs: bad, good, meh (3 outputs)" in card
+    assert "| custom | dev | accuracy |" in card
     assert (saved.finetune.text_a, saved.finetune.text_b) == ("premise", "hypothesis")  # found, then recorded
 
     # predict on the test file == the run's own predictions of it; rows and ids in input order
