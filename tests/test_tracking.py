@@ -97,3 +97,40 @@ def test_jaxbert_imports_without_wandb():
             "import jaxbert.pretrain, jaxbert.tracking, jaxbert.quickstart\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_tensorboard_event_file_reads_back(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = config.load("tiny", ["tracking.tensorboard=true", "tracking.plots=false"])
+    trackers = make_trackers(cfg, tmp_path, "tb-run", console=False)
+    trackers.log(10, {"loss": 2.5, "lr": 1e-3}, "train")
+    trackers.log(20, {"loss": 2.0, "lr": 5e-4}, "train")
+    trackers.log(20, {"loss": 2.25, "accuracy": 0.125}, "eval")
+    trackers.close()
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval/accuracy", "eval/loss", "train/loss", "train/lr"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(10, 2.5), (20, 2.0)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(20, 0.125)]
+    assert read_jsonl(tmp_path / "metrics.jsonl")[2] == {"step": 20, "split": "eval", "loss": 2.25, "accuracy": 0.125}
+
+
+def test_missing_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
+    for name in [n for n in sys.modules if n.startswith("tensorboard.")] + ["tensorboard"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import tensorboard... -> ImportError
+    cfg = config.load("tiny", ["tracking.tensorboard=true"])
+    with pytest.raises(ValueError, match=r"tracking.tensorboard=true needs the tensorboard package: pip install"):
+        make_trackers(cfg, tmp_path, "tb-run", console=False)
+
+
+def test_jaxbert_imports_and_runs_without_tensorboard():
+    import subprocess
+
+    code = ("import sys; sys.modules['tensorboard'] = None\n"
+            "import jaxbert, jaxbert.pretrain, jaxbert.finetune, jaxbert.api, jaxbert.inference, jaxbert.embed\n"
+            "from jaxbert import config, tracking\n"
+            "tracking.make_trackers(config.load('tiny', ['tracking.plots=false', 'tracking.jsonl=false']), '.', 'r',"
+            " console=False).close()\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -6,6 +6,7 @@ Two kinds of directory share one layout::
     <dir>/config.yaml         the resolved run config (model.vocab_size matches the weights)
     <dir>/model.safetensors   BertForMLM weights by name ("bert.layers.qkv.weight", ...), float32
     <dir>/tokenizer/          the tokenizer the model was trained with
+    <dir>/README.md           the model card (data, tokens seen, MLM metrics, config, command)
     <dir>/train_state.eqx     checkpoints only: optimizer state, loss scale, step, PRNG key
 
 A training run keeps its checkpoints in ``<run_dir>/checkpoints/step_XXXXXXXX``. Every directory is written
@@ -33,7 +34,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from . import config as config_lib
-from . import fileio
+from . import fileio, modelcard
 from .config import Config, ModelConfig
 from .model import BertForMLM
 
@@ -192,22 +193,26 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
         raise FileNotFoundError(f"tokenizer '{source}' does not exist")
 
 
-def _write_common(tmp: Path, cfg: Config, model: BertForMLM, tokenizer: Any) -> None:
+def _write_common(tmp: Path, cfg: Config, model: BertForMLM, tokenizer: Any, card: str) -> None:
     if model.config != cfg.model:
         raise ValueError("the model's config differs from cfg.model (was model.vocab_size set from the tokenizer?)")
     config_lib.save(cfg, tmp, CONFIG_FILE)
     _write_file(tmp / MODEL_FILE, st_save(model_tensors(model), metadata={"format": "jaxbert"}))
     _save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+    _write_file(tmp / modelcard.CARD, card.encode("utf-8"))
 
 
-def save_model(directory: str | Path, cfg: Config, model: BertForMLM, tokenizer: Any) -> Path:
-    """Export weights, config and tokenizer into ``directory`` (atomically); readable by :func:`load_pretrained`.
+def save_model(directory: str | Path, cfg: Config, model: BertForMLM, tokenizer: Any,
+               card: Optional[str] = None) -> Path:
+    """Export weights, config, tokenizer and a model card into ``directory`` (atomically); readable by
+    :func:`load_pretrained`.
 
     ``tokenizer``: a Tokenizer (anything with ``.save(dir)``), a tokenizer file or directory, or None.
+    ``card``: the README.md text (default: a card rendered from ``cfg``).
     """
 
     def write(tmp: Path) -> dict[str, Any]:
-        _write_common(tmp, cfg, model, tokenizer)
+        _write_common(tmp, cfg, model, tokenizer, card or modelcard.pretraining_card(cfg))
         return {"kind": "model"}
 
     return _atomic_dir(Path(directory), write)
@@ -271,7 +276,9 @@ def save_checkpoint(run_dir: str | Path, cfg: Config, state: Any, progress: Prog
     final = Path(run_dir) / CHECKPOINTS / f"{_PREFIX}{progress.step:08d}"
 
     def write(tmp: Path) -> dict[str, Any]:
-        _write_common(tmp, cfg, state.model, tokenizer)
+        facts = {"step": progress.step, "tokens_seen": progress.data_position * cfg.data.seq_len,
+                 "mlm": modelcard.last_eval(Path(run_dir) / "metrics.jsonl", progress.step)}
+        _write_common(tmp, cfg, state.model, tokenizer, modelcard.pretraining_card(cfg, facts))
         buffer = io.BytesIO()
         eqx.tree_serialise_leaves(buffer, _without_model(state))
         _write_file(tmp / STATE_FILE, buffer.getvalue())

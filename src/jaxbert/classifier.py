@@ -11,7 +11,8 @@ A finetune starts from one of:
   match the task.
 
 A finetuned directory holds ``config.yaml``, ``model.safetensors`` (BertForClassification tensors by name),
-``tokenizer/`` and ``finetuned.json`` (task, labels, epoch, dev metrics); it is written atomically.
+``tokenizer/``, ``finetuned.json`` (task, labels, epoch, dev metrics) and a model card (``README.md``); it is
+written atomically.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from . import config as config_lib
+from . import modelcard
 from .config import Config
 from .data.glue import Task
 from .model import BertForClassification, BertModel, with_config
@@ -146,6 +148,7 @@ def save_classifier(directory: str | Path, cfg: Config, model: BertForClassifica
         save_file(_named(model), str(tmp / WEIGHTS), metadata={"format": "jaxbert-classifier"})
         tokenizer.save(tmp / "tokenizer")
         (tmp / MARK).write_text(json.dumps({**meta, "num_labels": model.num_labels}, indent=1))
+        modelcard.write_card(tmp, modelcard.finetuned_card(cfg, meta, model.num_labels))
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         if final.exists():
             final.rename(old)

@@ -151,6 +151,7 @@ class TrackingConfig:
     project: str = "jaxbert"
     jsonl: bool = True
     plots: bool = True
+    tensorboard: bool = False  # TensorBoard event files in <run dir>/tensorboard (needs: pip install tensorboard)
 
 
 @dataclass(frozen=True)

@@ -41,15 +41,15 @@ from . import config as config_lib
 from . import distributed
 from .classifier import Start, build_classifier, prepare_start, save_classifier
 from .config import Config
-from .data.glue import Task, get_task
+from .data.glue import Task
 from .data.loader import Prefetcher
 from .data.pairs import Batch, Encoded, eval_batches, steps_per_epoch, train_batches
-from .data.task_data import TaskData, load_task_data
+from .data.task_data import TaskData, load_task_data, resolve_task
 from .metrics import compute, task_score
 from .model import BertForClassification
 from .optim import AdamWSettings, one_cycle
 from .precision import LossScale, Policy
-from .tracking import JsonlTracker, Trackers, WandbTracker
+from .tracking import JsonlTracker, TensorBoardTracker, Trackers, WandbTracker
 from .train import TrainingDiverged, TrainState, fused_step, new_state
 
 Log = Callable[[str], None]
@@ -160,10 +160,13 @@ class FinetuneResult:
 
 
 def make_tracker(cfg: Config, run_dir: Path) -> Trackers:
-    """metrics.jsonl in the run dir (unless tracking.jsonl=false) and Weights & Biases when tracking.wandb=true."""
+    """metrics.jsonl in the run dir (unless tracking.jsonl=false), Weights & Biases (tracking.wandb=true) and
+    TensorBoard (tracking.tensorboard=true)."""
     trackers: list = [JsonlTracker(run_dir / "metrics.jsonl")] if cfg.tracking.jsonl else []
     if cfg.tracking.wandb:
         trackers.append(WandbTracker(cfg, run_dir, f"{run_dir.parent.name}-{run_dir.name}"))
+    if cfg.tracking.tensorboard:
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
     return Trackers(trackers)
 
 
@@ -343,7 +346,7 @@ def _write_results(run_dir: Path, result: FinetuneResult) -> None:
 
 def finetune(cfg: Config, init: Optional[str] = None, *, progress: bool = True, echo: Log = print) -> FinetuneResult:
     """Load the init and the task's data, then :func:`run`."""
-    task = get_task(cfg.finetune.task)
+    cfg, task = resolve_task(cfg)  # a GLUE task, or finetune.task=custom described by its files
     if task.predicted_by is not None:
         raise ValueError(f"task {task.name} has no training data; it is predicted by the {task.predicted_by} "
                          f"model (jaxbert glue does this)")
@@ -375,7 +378,8 @@ def overrides_from(args: argparse.Namespace, overrides: Optional[Sequence[str]] 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxbert finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default=None, help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
+    parser.add_argument("--task", default=None, help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, "
+                        "wnli), or custom with finetune.train_file= and finetune.dev_file=")
     add_common_arguments(parser)
     parser.add_argument("--sweep", action="store_true", help="grid of batch sizes x lrs x seeds (Turc et al.)")
     parser.add_argument("--batch-sizes", default=None, help="sweep batch sizes, comma-separated (8,16,32,64,128)")

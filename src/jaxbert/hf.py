@@ -23,6 +23,7 @@ from . import config as config_lib
 from .hf_convert import hf_config_from_model, hf_state_to_model, model_config_from_hf, model_to_hf_state
 from .hf_export import export_hf, label_names, load_source
 from .hf_import import import_hf
+from .modelcard import card_for
 
 __all__ = ["import_hf", "export_hf", "load_source", "hf_state_to_model", "model_to_hf_state",
            "model_config_from_hf", "hf_config_from_model", "import_main", "export_main"]
@@ -67,13 +68,17 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("source", help="a jaxbert pretraining run (its latest checkpoint), checkpoint or model "
                                        "directory, or a finetuned model (finetune run dir or its best/)")
     parser.add_argument("out", help="new output directory (must not exist or be empty)")
+    parser.add_argument("--pooling", default="mean", choices=("mean", "cls"),
+                        help="sentence-transformers pooling written with the export (default mean)")
+    parser.add_argument("--normalize", action="store_true", help="sentence-transformers: unit-length embeddings")
     args = parser.parse_args(list(argv) if argv is not None else None)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, tokenizer, meta = load_source(args.source)
         labels = None if meta is None else label_names(meta, model.num_labels)
-        out = export_hf(model, tokenizer, args.out, id2label=labels)
+        out = export_hf(model, tokenizer, args.out, id2label=labels, pooling=args.pooling, normalize=args.normalize,
+                        card=card_for(args.source))
     _show_warnings(caught)
     cfg = model.config
     arch = ("BERT" if cfg.post_ln else "RobertaPreLayerNorm") + (" + MLM head" if meta is None else

@@ -5,7 +5,8 @@ kept beside the model); pre-LN models become ``RobertaPreLayerNormForMaskedLM`` 
 ``...ForSequenceClassification``, transformers' pre-LayerNorm BERT-style architecture (see
 :mod:`jaxbert.hf_convert` for the position-table shift this needs). A finetuned model (``finetuned.json``)
 exports as sequence classification with its label names. The directory holds model.safetensors,
-config.json, tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json; it is written under
+config.json, tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json, the sentence-transformers
+files and a model card (README.md); it is written under
 a temporary name and renamed into place, and an existing non-empty target is refused.
 """
 
@@ -20,6 +21,7 @@ from typing import Any, Optional
 
 from safetensors.numpy import save_file
 
+from .embed import sentence_transformers_files
 from .hf_convert import hf_config_from_model, model_to_hf_state
 from .hf_import import check_target, move_into_place
 from .model import BertForClassification, BertForMLM
@@ -80,8 +82,13 @@ def tokenizer_files(tokenizer: Tokenizer, max_length: int) -> dict[str, dict[str
 
 
 def export_hf(model: BertForMLM | BertForClassification, tokenizer: Tokenizer, out: str | Path, *,
-              id2label: Optional[dict[str, str]] = None) -> Path:
-    """Write ``model`` and ``tokenizer`` as an HF directory ``out`` (atomically; ``out`` must not hold files)."""
+              id2label: Optional[dict[str, str]] = None, pooling: str = "mean", normalize: bool = False,
+              card: Optional[str] = None) -> Path:
+    """Write ``model`` and ``tokenizer`` as an HF directory ``out`` (atomically; ``out`` must not hold files).
+
+    The sentence-transformers files (``modules.json``, ``1_Pooling/config.json``, ...) for ``pooling`` and
+    ``normalize`` go with it, so ``SentenceTransformer(out)`` loads it; ``card`` becomes its ``README.md``.
+    """
     out = Path(out)
     check_target(out)
     cfg = model.config
@@ -110,6 +117,11 @@ def export_hf(model: BertForMLM | BertForClassification, tokenizer: Tokenizer, o
         tokenizer.save(tmp)
         for name, content in tokenizer_files(tokenizer, cfg.max_positions).items():
             _write_json(tmp / name, content)
+        for name, content in sentence_transformers_files(cfg.hidden, cfg.max_positions, pooling, normalize).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            _write_json(tmp / name, content)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -173,6 +173,7 @@ def import_hf(source: str | Path, out: str | Path, *, key: Optional[PRNGKeyArray
     Returns ``out``. Raises FileNotFoundError / ValueError naming the file or tensor on bad input.
     """
     from .checkpoint import save_model
+    from .modelcard import pretraining_card
 
     source, out = Path(source), Path(out)
     if not source.is_dir():
@@ -195,7 +196,8 @@ def import_hf(source: str | Path, out: str | Path, *, key: Optional[PRNGKeyArray
             meta = classifier_meta(hf_config, model.num_labels, source)
             save_classifier(tmp, run_config(cfg, tokenizer), model, tokenizer, meta)
         else:
-            save_model(tmp, run_config(cfg, tokenizer), model, tokenizer)
+            card = pretraining_card(run_config(cfg, tokenizer), {"imported_from": str(source.resolve())})
+            save_model(tmp, run_config(cfg, tokenizer), model, tokenizer, card)
         (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()), "config": hf_config}, indent=1))
         move_into_place(tmp, out)
     except BaseException:

@@ -20,8 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 from . import config as config_lib
 from .classifier import Start, prepare_start, save_classifier
 from .config import Config
-from .data.glue import get_task
-from .data.task_data import TaskData, load_task_data
+from .data.task_data import TaskData, load_task_data, resolve_task
 from .finetune import FinetuneResult, run
 
 BATCH_SIZES = (8, 16, 32, 64, 128)
@@ -116,7 +115,7 @@ def sweep_main(cfg: Config, args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds {seeds}: expected at least 1")
     if not any(o.startswith("finetune.epochs=") for o in args.overrides):
         cfg = config_lib.replace(cfg, finetune={"epochs": EPOCHS})
-    task = get_task(cfg.finetune.task)
+    cfg, task = resolve_task(cfg)
     start = prepare_start(cfg, args.init, task)
     data = load_task_data(start.cfg, task, start.tokenizer)
     name = cfg.finetune.run_name or f"{task.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"

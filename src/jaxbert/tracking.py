@@ -1,9 +1,10 @@
-"""Experiment tracking behind one small interface: console progress bar, JSONL file, PNG plots, Weights & Biases.
+"""Experiment tracking behind one small interface: console progress bar, JSONL file, PNG plots, Weights & Biases,
+TensorBoard.
 
 A tracker receives ``log(step, metrics, split)`` calls (``split`` is "train" or "eval") with plain floats,
 already fetched from the device by the training loop, and ``close()`` at the end. :func:`make_trackers`
-builds the set a run's config asks for. Weights & Biases is imported only when enabled, so jaxbert works
-without it; it runs offline unless ``WANDB_API_KEY`` is set (or ``WANDB_MODE`` says otherwise).
+builds the set a run's config asks for. Weights & Biases and TensorBoard are imported only when enabled, so
+jaxbert works without them; W&B runs offline unless ``WANDB_API_KEY`` is set (or ``WANDB_MODE`` says otherwise).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -163,6 +165,24 @@ class WandbTracker:
         self.run.finish()
 
 
+class TensorBoardTracker:
+    """Scalars as a TensorBoard event file in ``directory``, tagged ``<split>/<metric>``; written with the
+    tensorboard package's own event writer (imported only when enabled)."""
+
+    def __init__(self, directory: str | Path):
+        writer_class, self._summary, self._event = import_tensorboard()
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.writer = writer_class(str(directory))
+
+    def log(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+        values = [self._summary.Summary.Value(tag=f"{split}/{k}", simple_value=float(v)) for k, v in metrics.items()]
+        self.writer.add_event(self._event.Event(wall_time=time.time(), step=int(step),
+                                                summary=self._summary.Summary(value=values)))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class MissingDependency(ImportError, ValueError):
     """An optional package is needed but not installed (a ValueError too, so the CLI prints one line)."""
 
@@ -176,6 +196,17 @@ def import_wandb() -> Any:
     return wandb
 
 
+def import_tensorboard() -> tuple[Any, Any, Any]:
+    """(EventFileWriter, summary_pb2, event_pb2) from the tensorboard package (no TensorFlow needed)."""
+    try:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        raise MissingDependency("tracking.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                                "(or pip install -e \".[tensorboard]\")") from None
+    return EventFileWriter, summary_pb2, event_pb2
+
+
 def make_trackers(cfg: Config, run_dir: str | Path, run_name: str, *, start_step: int = 0,
                   start_elapsed: float = 0.0, console: bool = True) -> Trackers:
     """The trackers the config asks for; plots and JSONL live in the run dir (continued when resuming)."""
@@ -183,6 +214,8 @@ def make_trackers(cfg: Config, run_dir: str | Path, run_name: str, *, start_step
     trackers: list[Tracker] = []
     if cfg.tracking.wandb:
         trackers.append(WandbTracker(cfg, run_dir, run_name))  # first: a missing package fails before output
+    if cfg.tracking.tensorboard:
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
     if console:
         trackers.append(console_for(cfg, start_step, start_elapsed))
     metrics_file = run_dir / "metrics.jsonl"

@@ -250,6 +250,11 @@ def _pick(table: dict[str, list], explicit: Optional[str], candidates: tuple[str
     return None
 
 
+def label_key(value: object) -> str:
+    """The class name a label value stands for: ``1``, ``1.0`` (a float column) and ``" 1"`` all give ``"1"``."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
+
+
 def _labels(task: Task, values: list, source: str) -> np.ndarray:
     if task.regression:
         try:
@@ -259,7 +264,7 @@ def _labels(task: Task, values: list, source: str) -> np.ndarray:
     lookup = {name: i for i, name in enumerate(task.labels)}
     out = np.empty(len(values), np.int32)
     for row, value in enumerate(values):
-        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
+        key = label_key(value)
         if key not in lookup:
             raise ValueError(f"{source} row {row + 1}: unknown label '{value}' for task {task.name} "
                              f"(expected one of {', '.join(task.labels)})")
@@ -272,7 +277,8 @@ def to_split(task: Task, split: str, table: dict[str, list], source: str, column
     """Select and check the columns of a read table. Missing labels are an error when ``need_labels``."""
     a = _pick(table, columns.text_a, task.text_a, "text_a", source, True)
     b = _pick(table, columns.text_b, task.text_b, "text_b", source, bool(task.text_b)) if task.text_b else None
-    y = _pick(table, columns.label, task.label, "label", source, need_labels)
+    label = columns.label if need_labels or columns.label in table else None  # test files may lack it
+    y = _pick(table, label, task.label, "label", source, need_labels)
     i = _pick(table, columns.index, INDEX_COLUMNS, "index_column", source, False)
     n = len(table[a])
     labels = None
@@ -351,3 +357,61 @@ def read_split(task: Task | str, split: str, glue_dir: str | Path, *, file: Opti
 def has_split(task: Task, split: str, glue_dir: str | Path) -> bool:
     """Whether ``split`` can be read (always assumed for the hub, which has every split)."""
     return is_hub(glue_dir) or find_split(task, split, glue_dir) is not None
+
+
+# ------------------------------------------------------------------------------------------- custom tasks
+
+CUSTOM = "custom"
+CUSTOM_TEXT_A = ("text_a", "sentence", "text", "sentence1", "premise", "question")
+CUSTOM_TEXT_B = ("text_b", "sentence2", "hypothesis")
+CUSTOM_LABEL = ("label", "labels", "score", "target")
+
+
+def custom_task(labels: tuple[str, ...] | list[str], text_a: tuple[str, ...] = CUSTOM_TEXT_A,
+                text_b: tuple[str, ...] = (), label: tuple[str, ...] = CUSTOM_LABEL) -> Task:
+    """A task described by the user's own files: class names in class-id order, or ``()`` for a regression
+    (scored by Pearson/Spearman; classification by accuracy). Its splits come from ``finetune.*_file``."""
+    metrics = ("accuracy",) if labels else ("pearson", "spearman")
+    return Task(CUSTOM, "custom", "", "", tuple(text_a), tuple(text_b), tuple(label), tuple(labels), metrics, {},
+                test_splits={"test": "custom"})
+
+
+def _number(value: object) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+def infer_labels(values: list, source: str) -> tuple[str, ...]:
+    """The classes of a label column, or ``()`` when it is a regression target.
+
+    A column of numbers with at least one non-integer value (``3.8``) is a regression; otherwise every distinct
+    value is a class: numbers in numeric order (``0, 1, 2``), other strings sorted.
+    """
+    if not values:
+        raise ValueError(f"{source}: no rows (expected a labelled training file)")
+    for row, value in enumerate(values):
+        if value is None or str(value).strip() == "":
+            raise ValueError(f"{source} row {row + 1}: empty label (every training row needs one)")
+    numbers = [_number(v) for v in values]
+    if all(n is not None for n in numbers):
+        if any(not float(n).is_integer() for n in numbers):  # type: ignore[arg-type]
+            return ()
+        keys = {label_key(v): float(n) for v, n in zip(values, numbers)}  # type: ignore[misc]
+        return tuple(sorted(keys, key=lambda k: keys[k]))
+    return tuple(sorted({label_key(v) for v in values}))
+
+
+def custom_task_from(table: dict[str, list], source: str, columns: Columns = Columns()) -> Task:
+    """The custom task a training table describes: its text/label columns (named in ``columns`` or found among
+    the usual names) and its classes (see :func:`infer_labels`)."""
+    a = _pick(table, columns.text_a, CUSTOM_TEXT_A, "text_a", source, True)
+    b = _pick(table, columns.text_b, CUSTOM_TEXT_B, "text_b", source, False)
+    y = _pick(table, columns.label, CUSTOM_LABEL, "label", source, True)
+    assert a is not None and y is not None
+    return custom_task(infer_labels(table[y], source), (a,), (b,) if b else (), (y,))

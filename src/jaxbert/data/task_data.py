@@ -7,8 +7,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .. import config as config_lib
 from ..config import Config
-from .glue import Columns, SplitData, Task, has_split, missing_reason, read_split
+from .glue import (CUSTOM, Columns, SplitData, Task, custom_task_from, get_task, has_split, missing_reason,
+                   read_split, read_table)
 from .pairs import Encoded, PairTokenizer, encode_split
 
 
@@ -23,6 +25,26 @@ class TaskData:
 def columns_of(cfg: Config) -> Columns:
     f = cfg.finetune
     return Columns(f.text_a, f.text_b, f.label_column, f.index_column)
+
+
+def resolve_task(cfg: Config) -> tuple[Config, Task]:
+    """The task a finetune run trains on, and the config to run it with.
+
+    A GLUE name gives its registry entry. ``finetune.task=custom`` describes the task by the files: it needs
+    ``finetune.train_file`` and ``finetune.dev_file``; the text and label columns are the ones named by
+    ``finetune.text_a/text_b/label_column`` or found among the usual names, and the classes are inferred from
+    the training labels (a column holding non-integer numbers is a regression). The returned config names the
+    columns found, so a saved model records them.
+    """
+    f = cfg.finetune
+    if f.task.strip().lower() != CUSTOM:
+        return cfg, get_task(f.task)
+    if f.train_file is None or f.dev_file is None:
+        raise ValueError("finetune.task=custom needs finetune.train_file=FILE and finetune.dev_file=FILE")
+    task = custom_task_from(read_table(f.train_file), str(f.train_file), columns_of(cfg))
+    resolved = {"task": CUSTOM, "text_a": task.text_a[0], "text_b": task.text_b[0] if task.text_b else None,
+                "label_column": task.label[0]}
+    return config_lib.replace(cfg, finetune=resolved), task
 
 
 def _read(cfg: Config, task: Task, split: str, file: Optional[str]) -> SplitData:
