@@ -114,26 +114,29 @@ def _error_of(fn) -> str:
 
 
 def _finetune(cfg, mesh, batch, steps: int = 2):
-    """``steps`` finetuning steps (dropout on) of a tiny classifier on ``mesh``; (losses, host params, outputs
-    of :func:`jaxbert.finetune.predict_step` on the batch through ``on_mesh_of``)."""
+    """``steps`` finetuning steps (dropout on) of a tiny classifier on ``mesh`` through the training core
+    (:func:`jaxbert.train.fused_step`); (losses, host params, outputs of :func:`jaxbert.finetune.predict_step` on
+    the batch through ``on_mesh_of``, parameter shardings)."""
     import equinox as eqx
     import jax
     import numpy as np
 
     from jaxbert import distributed, finetune
     from jaxbert.model import BertForClassification
+    from jaxbert.optim import AdamWSettings
     from jaxbert.precision import LossScale, Policy
+    from jaxbert.train import fused_step, new_state
 
     model = BertForClassification(cfg.model, 3, key=jax.random.PRNGKey(1))
-    optimizer = finetune.make_optimizer(0.01, 1.0)
-    model = distributed.shard_state(model, mesh)
-    opt_state = distributed.shard_state(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
-    scale, key, losses = LossScale.create(dynamic=False), jax.random.PRNGKey(2), []
-    for step in range(steps):
-        model, opt_state, scale, loss = finetune.train_step(
-            model, opt_state, scale, distributed.distribute(batch, mesh), np.float32(1e-3), np.int32(step), key,
-            optimizer=optimizer, policy=Policy(), attention="xla")
-        losses.append(float(loss))
+    settings = AdamWSettings.for_finetuning(cfg.finetune)
+    state = new_state(model, settings, LossScale.create(dynamic=False), jax.random.PRNGKey(2))
+    state, losses = distributed.shard_state(state, mesh), []
+    objective = finetune.ClassificationLoss(Policy(), "xla")
+    for _ in range(steps):
+        state, metrics = fused_step(state, distributed.distribute(batch, mesh), np.float32(1e-3), objective,
+                                    settings, mesh)
+        losses.append(float(metrics["loss"]))
+    model = state.model
     outputs = finetune.predict_step(model, *distributed.on_mesh_of(model, batch[:3]), policy=Policy(),
                                     attention="xla")
     specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))})
