@@ -103,6 +103,7 @@ def test_compilation_cache_setting(tmp_path):
               "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
               "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\nprint(folder)")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     folder = tmp_path / "xdg" / "jaxbert" / "xla"

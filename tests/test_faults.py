@@ -228,3 +228,56 @@ def test_pretrain_killed_at_random_points_then_resumed_is_byte_identical(pretrai
     assert ckpt.read_manifest(ckpt.checkpoint_dirs(run)[-1])["step"] == STEPS
     assert _final_files(run) == _final_files(pretrain_root / "runs" / "reference")
     assert _temporaries(run / "checkpoints") == []
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+
+
+def _finetune_cmd(root: Path, name: str) -> list[str]:
+    from test_finetune import WORDS as FT_WORDS, write_vocab
+
+    vocab = write_vocab(root / "v.txt", FT_WORDS)
+    return [sys.executable, "-m", "jaxbert.cli", "finetune", "--task", "rte", "--glue-dir", str(root / "glue"),
+            "--config", "tiny", "--no-progress", "model.hidden=32", "model.heads=2", "model.ffn=64",
+            "model.layers=1", "model.max_positions=64", "data.seq_len=64", "finetune.max_len=32",
+            f"tokenizer.path={vocab}", "finetune.epochs=3", "finetune.batch_size=4", "finetune.dropout=0.0",
+            "finetune.attention_dropout=0.0", f"finetune.out_dir={root / 'runs'}", f"finetune.run_name={name}"]
+
+
+def _finetune_outputs(run: Path) -> dict[str, object]:
+    """What a finished finetune run produced, without its timings."""
+    results = json.loads((run / "results.json").read_text())
+    results.pop("predictions")  # paths inside the run dir: compared as files below
+    for record in results["history"]:
+        record.pop("epoch_seconds")
+    return {"model": (run / "best" / "model.safetensors").read_bytes(), "results": results,
+            "predictions": {p.name: p.read_bytes() for p in sorted((run / "predictions").iterdir())}}
+
+
+def test_finetune_killed_at_random_points_then_rerun_is_byte_identical_and_never_overwrites(tmp_path):
+    """kill -9 anywhere in a finetune run, then the same command again: it clears what the killed run left and
+    ends with the outputs of an uninterrupted run, byte for byte. The same run name once more is refused in one
+    line (a finished run is never overwritten, issue 19 defect 5)."""
+    import numpy as np
+    from test_finetune import write_fixture_glue
+
+    write_fixture_glue(tmp_path / "glue", np.random.default_rng(3))
+    for name in ("reference", "warm"):  # the second run loads its compiled steps: time it for the kills
+        started = time.perf_counter()
+        proc = subprocess.run(_finetune_cmd(tmp_path, name), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        whole = time.perf_counter() - started
+    rng = random.Random(15)
+    codes = [_kill_after(_finetune_cmd(tmp_path, "killed"), rng.uniform(0.2 * whole, 0.8 * whole)) for _ in range(3)]
+    assert codes.count(-signal.SIGKILL) == 3, codes
+    rerun = subprocess.run(_finetune_cmd(tmp_path, "killed"), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    runs = tmp_path / "runs"
+    assert _finetune_outputs(runs / "killed") == _finetune_outputs(runs / "reference") == _finetune_outputs(
+        runs / "warm")
+    assert not [p for p in runs.rglob("*") if ".tmp" in p.name or p.name.startswith(".old")]
+    before = _finetune_outputs(runs / "killed")
+    again = subprocess.run(_finetune_cmd(tmp_path, "killed"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and _one_error_line(again.stderr, "finetune").endswith(
+        "holds a finished finetune run (results.json); choose another finetune.run_name, or remove it to run again")
+    assert _finetune_outputs(runs / "killed") == before

@@ -382,3 +382,23 @@ def test_finetuning_compiles_in_the_first_epoch_only(rte_model, tmp_path):
         jax.monitoring.unregister_event_duration_listener(listen)
     after_epoch = epochs[1:4]  # compile counts after each epoch's evaluation (epochs[0]: the start message)
     assert after_epoch[0] > 0 and after_epoch[0] == after_epoch[1] == after_epoch[2], epochs
+
+
+def test_fresh_run_dir_clears_an_interrupted_run_and_refuses_anything_else(tmp_path):
+    from jaxbert.finetune import fresh_run_dir
+
+    said: list[str] = []
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "best").mkdir(parents=True)
+    (interrupted / "metrics.jsonl").write_text('{"step": 1}\n')
+    fresh_run_dir(interrupted, said.append)
+    assert list(interrupted.iterdir()) == [] and "clearing what an interrupted run left" in said[0]
+    (tmp_path / "finished").mkdir()
+    (tmp_path / "finished" / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a finished finetune run"):
+        fresh_run_dir(tmp_path / "finished", said.append)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.tsv").write_text("x")
+    with pytest.raises(ValueError, match=r"holds files a finetune run does not write \(train.tsv\)"):
+        fresh_run_dir(tmp_path / "data", said.append)
+    assert (tmp_path / "data" / "train.tsv").read_text() == "x" and (tmp_path / "finished" / "results.json").exists()

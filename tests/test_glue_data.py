@@ -166,6 +166,10 @@ def test_bad_input_errors(tmp_path):
     write(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\n1\tc\n")
     with pytest.raises(ValueError, match="2 of 2 rows do not have 4 tab-separated fields"):
         read_split("rte", "train", tmp_path)
+    for bad in ("nan", "inf"):  # issue 19, defect 2: a non-finite score would turn every loss it enters into NaN
+        write(tmp_path / "STS-B" / "train.tsv", f"index\tsentence1\tsentence2\tscore\n0\ta\tb\t2.5\n1\tc\td\t{bad}\n")
+        with pytest.raises(ValueError, match=rf"train.tsv row 2: label '{bad}' of stsb is not a finite number"):
+            read_split("stsb", "train", tmp_path)
 
 
 def test_real_glue_files(shared_data):

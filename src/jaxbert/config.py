@@ -168,8 +168,9 @@ class ImplConfig:
     # number of compiled training steps (128 with max_len 128: one); evaluation batches always pad to max_len.
     # On an H200 one fixed length beat two length classes on MNLI (47 vs 52 s, benchmarks/RESULTS.md)
     pad_multiple: int = 128
-    # JAX's persistent compilation cache: "auto" (<$XDG_CACHE_HOME or ~/.cache>/jaxbert/xla), a directory, or
-    # "off". A second run, or parallel processes of `jaxbert glue`, reuse compiled steps instead of compiling
+    # JAX's persistent compilation cache: "auto" ($JAX_COMPILATION_CACHE_DIR if set, else <$XDG_CACHE_HOME or
+    # ~/.cache>/jaxbert/xla), a directory, or "off". A second run, or parallel processes of `jaxbert glue`,
+    # reuse compiled steps instead of compiling them
     compilation_cache: str = "auto"
     # XLA flags put ahead of $XLA_FLAGS (which wins) by apply_xla_flags before JAX starts its backend; cuBLAS
     # instead of Triton matmuls was faster and compiled faster on an H200 (benchmarks/RESULTS.md)
@@ -188,7 +189,9 @@ def compilation_cache_dir(impl: ImplConfig) -> Optional[Path]:
     value = impl.compilation_cache.strip()
     if value.lower() in ("off", "none", "false", "no", ""):
         return None
-    if value.lower() == "auto":
+    if value.lower() == "auto":  # JAX's own variable, when set, wins
+        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxbert" / "xla"
     return Path(value).expanduser()
 

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,31 @@ def _run_dir(cfg: Config, task: Task) -> Path:
     return Path(cfg.finetune.out_dir) / name
 
 
+_RUN_FILES = {"config.yaml", "metrics.jsonl", "best", "predictions", "tensorboard", "results.json"}
+
+
+def fresh_run_dir(run_dir: Path, echo: Log) -> None:
+    """Make ``run_dir`` ready for a new run. A finished run (``results.json``) is never overwritten; what an
+    interrupted run left (its config, metrics, best model, predictions) is cleared, so the rerun starts clean;
+    a directory holding anything else is refused."""
+    if not run_dir.exists():
+        return
+    if (run_dir / "results.json").is_file():
+        raise ValueError(f"'{run_dir}' holds a finished finetune run (results.json); choose another "
+                         f"finetune.run_name, or remove it to run again")
+    if not run_dir.is_dir():
+        raise ValueError(f"finetune run dir '{run_dir}' exists and is not a directory")
+    entries = list(run_dir.iterdir())
+    foreign = sorted(e.name for e in entries if e.name not in _RUN_FILES and not e.name.startswith("."))
+    if foreign:
+        raise ValueError(f"finetune run dir '{run_dir}' exists and holds files a finetune run does not write "
+                         f"({', '.join(foreign[:3])}); choose another finetune.run_name")
+    if entries:
+        echo(f"{run_dir}: clearing what an interrupted run left ({', '.join(sorted(e.name for e in entries))})")
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 @dataclass(frozen=True)
 class Plan:
     """The fixed parts of a run: schedule, step settings, mesh."""
@@ -300,6 +326,7 @@ def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, sav
     if data.train is None or not data.dev:
         raise ValueError(f"task {task.name}: finetuning needs a train split and at least one dev split")
     run_dir = _run_dir(cfg, task)
+    fresh_run_dir(run_dir, echo)
     config_lib.save(cfg, run_dir)
     plan = plan_run(cfg, data)
     state = initial_state(plan, start, task)

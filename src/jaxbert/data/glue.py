@@ -258,9 +258,14 @@ def label_key(value: object) -> str:
 def _labels(task: Task, values: list, source: str) -> np.ndarray:
     if task.regression:
         try:
-            return np.asarray([float(v) for v in values], np.float32)
+            scores = np.asarray([float(v) for v in values], np.float32)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: label column of {task.name} must hold numbers ({err})") from None
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if len(bad):  # a NaN/inf target would make every loss it enters non-finite
+            raise ValueError(f"{source} row {bad[0] + 1}: label '{values[bad[0]]}' of {task.name} is not a finite "
+                             f"number ({len(bad)} such row(s)); expected a score")
+        return scores
     lookup = {name: i for i, name in enumerate(task.labels)}
     out = np.empty(len(values), np.int32)
     for row, value in enumerate(values):
