@@ -153,10 +153,10 @@ def test_model_tensors_are_checked_by_name_and_shape(cfg, state):
     missing = dict(tensors)
     missing.pop("mlm.bias")
     with pytest.raises(CheckpointError, match="'mlm.bias' is missing"):
-        ckpt.model_from_tensors(cfg.model, missing)
+        ckpt.model_from_tensors(cfg, missing)
     wrong = dict(tensors, **{"mlm.bias": np.zeros(7, np.float32)})
     with pytest.raises(CheckpointError, match=r"shape \(7,\)"):
-        ckpt.model_from_tensors(cfg.model, wrong)
+        ckpt.model_from_tensors(cfg, wrong)
     extra = dict(tensors, unused=np.zeros(1, np.float32))
     with pytest.raises(CheckpointError, match="unexpected tensors"):
-        ckpt.model_from_tensors(cfg.model, extra)
+        ckpt.model_from_tensors(cfg, extra)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxbert.data.mlm import mask_tokens
 from jaxbert.model.electra import ElectraForPretraining, electra_sums, generator_config, replace_tokens
@@ -38,7 +39,7 @@ def test_replace_tokens_changes_masked_positions_only_and_labels_samples_equal_t
     # a generator sure of the original token at half of the slots and of token 5 elsewhere
     sure = jnp.where(jnp.arange(batch.positions.shape[1])[None, :] % 2 == 0, batch.targets, 5)
     logits = jax.nn.one_hot(sure, vocab) * 100.0
-    corrupted = np.asarray(replace_tokens(batch, logits, jax.random.PRNGKey(2)))
+    corrupted = np.asarray(replace_tokens(batch, logits, jax.random.split(jax.random.PRNGKey(2), len(ids))))
     used = np.zeros(ids.shape, bool)
     np.put_along_axis(used, np.asarray(batch.positions), np.asarray(batch.weights) > 0, axis=1)
     np.testing.assert_array_equal(corrupted[~used], np.asarray(batch.input_ids)[~used])  # unmasked: as fed
@@ -54,7 +55,7 @@ def test_discriminator_loss_sends_no_gradient_into_the_generator(tiny_config):
     ids, batch = _batch(tiny_config)
 
     def loss(m, weight_mlm: float):
-        total, sums = electra_sums(m, ids, batch, sample_key=jax.random.PRNGKey(3), dropout_key=None,
+        total, sums = electra_sums(m, ids, batch, sample_keys=jax.random.split(jax.random.PRNGKey(3), len(ids)), dropout_key=None,
                                    policy=Policy(), attention="xla", discriminator_weight=50.0)
         return total - (1.0 - weight_mlm) * sums["mlm_loss"]
 
@@ -75,7 +76,7 @@ def test_tiny_electra_learns(tiny_config):
     @eqx.filter_jit
     def step(m, s, k):
         def loss(m):
-            total, sums = electra_sums(m, ids, batch, sample_key=k, dropout_key=None, policy=Policy(),
+            total, sums = electra_sums(m, ids, batch, sample_keys=jax.random.split(k, len(ids)), dropout_key=None, policy=Policy(),
                                        attention="xla", discriminator_weight=50.0)
             return total / sums["predictions"], sums
         (value, sums), grads = eqx.filter_value_and_grad(loss, has_aux=True)(m)
@@ -88,3 +89,65 @@ def test_tiny_electra_learns(tiny_config):
         history.append((float(value), float(rtd)))
     assert np.mean([h[0] for h in history[-5:]]) < 0.8 * np.mean([h[0] for h in history[:5]])
     assert np.mean([h[1] for h in history[-5:]]) < np.mean([h[1] for h in history[:5]])
+
+
+# ------------------------------------------------------------------------------- in the pretraining core
+
+
+def _electra_config():
+    from test_train import OVERRIDES
+
+    from jaxbert import config
+
+    return config.load("tiny", OVERRIDES + ["train.objective=electra"])
+
+
+def test_electra_steps_do_not_depend_on_the_micro_batch_split_and_lower_the_loss():
+    from jaxbert.train import init_state, make_spec, micro_step, train_step, zero_accumulator
+
+    cfg = _electra_config()
+    spec = make_spec(cfg, SPECIAL, MASK)
+    ids = np.random.default_rng(0).integers(5, 128, (8, 32)).astype(np.int32)
+    state = init_state(cfg, key=jax.random.PRNGKey(0))
+    assert isinstance(state.model, ElectraForPretraining)
+    halves = zero_accumulator(state.model)
+    for i in (0, 4):
+        halves = micro_step(state, halves, jnp.asarray(ids[i:i + 4]), jnp.int32(i), spec)
+    whole = micro_step(state, zero_accumulator(state.model), jnp.asarray(ids), jnp.int32(0), spec)
+    np.testing.assert_allclose(float(halves.loss_sum), float(whole.loss_sum), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(halves.grads), jax.tree.leaves(whole.grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-5)
+    losses = []
+    for _ in range(12):
+        state, metrics = train_step(state, [ids[:4], ids[4:]], 1e-2, spec)
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-3:]) < losses[0] and int(state.skipped) == 0
+
+
+def test_electra_checkpoint_restores_bitwise_and_finetuning_takes_the_discriminator(tmp_path):
+    from jaxbert import checkpoint as ckpt
+    from jaxbert.classifier import prepare_start
+    from jaxbert.data import glue
+    from jaxbert.train import init_state, make_spec, train_step
+
+    cfg = _electra_config()
+    spec = make_spec(cfg, SPECIAL, MASK)
+    ids = np.random.default_rng(1).integers(5, 128, (8, 32)).astype(np.int32)
+    state, _ = train_step(init_state(cfg, key=jax.random.PRNGKey(0)), [ids], 1e-2, spec)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(123)]) + "\n")
+    saved = ckpt.save_checkpoint(tmp_path / "run", cfg, state, ckpt.Progress(1, 8, 0.0), str(vocab), keep=2)
+    template = eqx.filter_eval_shape(init_state, cfg, key=jax.random.PRNGKey(0))
+    restored, progress = ckpt.restore_checkpoint(saved, cfg, template)
+    assert progress.step == 1
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    start = prepare_start(cfg, str(tmp_path / "run"), glue.TASKS["rte"])
+    np.testing.assert_array_equal(np.asarray(start.encoder.embeddings.token),
+                                  np.asarray(state.model.discriminator.embeddings.token))
+    from jaxbert import config
+
+    mlm = config.replace(cfg, train={"objective": "mlm"})
+    template = eqx.filter_eval_shape(init_state, mlm, key=jax.random.PRNGKey(0))
+    with pytest.raises(ckpt.CheckpointError, match="train.objective"):
+        ckpt.restore_checkpoint(saved, mlm, template)

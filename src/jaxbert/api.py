@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 from .config import Config
 from .data.glue import SplitData, Task
-from .model import BertForClassification, BertForMLM
+from .model import BertForClassification, BertForMLM, encoder_of, mlm_of
 from .precision import Policy
 from .tokenizer import Tokenizer
 
@@ -87,7 +87,7 @@ class Model:
         """For every ``[MASK]`` of ``text``, its ``top_k`` :class:`jaxbert.fill_mask.Candidate` s."""
         from .fill_mask import fill_mask
 
-        return fill_mask(self.model, self.tokenizer, text, top_k, policy=Policy.from_name(precision or "fp32"),
+        return fill_mask(mlm_of(self.model), self.tokenizer, text, top_k, policy=Policy.from_name(precision or "fp32"),
                          attention=self.config.impl.attention)
 
     def encode(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = False,
@@ -96,7 +96,7 @@ class Model:
         """float32 ``(len(texts), hidden)`` sentence embeddings (see :mod:`jaxbert.embed`)."""
         from .embed import embed
 
-        return embed(self.model.bert, self.tokenizer, texts, pooling=pooling, normalize=normalize, max_len=max_len,
+        return embed(encoder_of(self.model), self.tokenizer, texts, pooling=pooling, normalize=normalize, max_len=max_len,
                      batch_size=batch_size, pad_multiple=self.config.impl.pad_multiple,
                      policy=Policy.from_name(precision or "fp32"), attention=self.config.impl.attention,
                      progress=progress)

@@ -35,8 +35,8 @@ from safetensors.numpy import save as st_save
 
 from . import config as config_lib
 from . import fileio, modelcard
-from .config import Config, ModelConfig
-from .model import BertForMLM
+from .config import Config
+from .model import BertForMLM, pretraining_model
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -154,9 +154,11 @@ def model_tensors(model: BertForMLM) -> dict[str, np.ndarray]:
     return {".".join(k.name for k in path): np.asarray(leaf) for path, leaf in named}
 
 
-def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str = "weights") -> BertForMLM:
-    """A BertForMLM for ``cfg`` filled from named arrays; any missing, extra or mis-shaped name is an error."""
-    skeleton = eqx.filter_eval_shape(BertForMLM, cfg, key=jax.random.PRNGKey(0))
+def model_from_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str = "weights") -> Any:
+    """The pretraining model of ``cfg`` (a BertForMLM, or an ELECTRA generator + discriminator with
+    ``train.objective=electra``) filled from named arrays; any missing, extra or mis-shaped name is an error."""
+    skeleton = eqx.filter_eval_shape(pretraining_model, cfg.model, cfg.train.objective, cfg.train.electra_generator,
+                                     key=jax.random.PRNGKey(0))
     named, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
     leaves, expected = [], set()
     for path, leaf in named:
@@ -225,7 +227,7 @@ def _load_model_dir(directory: Path, verify: bool) -> tuple[Config, BertForMLM]:
         tensors = st_load((directory / MODEL_FILE).read_bytes())
     except Exception as err:  # safetensors reports corruption with several exception types
         raise CheckpointError(f"'{directory / MODEL_FILE}' is corrupt ({err})") from None
-    return cfg, model_from_tensors(cfg.model, tensors, str(directory / MODEL_FILE))
+    return cfg, model_from_tensors(cfg, tensors, str(directory / MODEL_FILE))
 
 
 def load_pretrained(path: str | Path) -> tuple[Config, BertForMLM, Path]:
@@ -295,7 +297,8 @@ def save_checkpoint(run_dir: str | Path, cfg: Config, state: Any, progress: Prog
 
 
 # Keys that change the shape or meaning of the saved state; other keys may change on resume.
-_STATE_KEYS = ("data.seq_len", "data.max_predictions", "train.precision", "train.seed")
+_STATE_KEYS = ("data.seq_len", "data.max_predictions", "train.precision", "train.seed", "train.objective",
+               "train.electra_generator")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -35,7 +35,7 @@ from . import config as config_lib
 from . import modelcard
 from .config import Config
 from .data.glue import Task
-from .model import BertForClassification, BertModel, with_config
+from .model import BertForClassification, BertModel, encoder_of, with_config
 from .tokenizer import Tokenizer, load_tokenizer
 
 MARK = "finetuned.json"
@@ -106,11 +106,12 @@ def prepare_start(cfg: Config, init: Optional[str], task: Task) -> Start:
         return Start(run_cfg, tokenizer, classifier=model, source=str(path))
     from .checkpoint import load_pretrained
 
-    saved, mlm, tokenizer_path = load_pretrained(path)
+    saved, pretrained, tokenizer_path = load_pretrained(path)
     tokenizer = _tokenizer_for(cfg, init, Path(tokenizer_path))
     _check_vocab(tokenizer, saved.model.vocab_size, init)
     run_cfg = finetune_model_config(cfg, saved.model, saved.model.vocab_size)
-    return Start(run_cfg, tokenizer, encoder=with_config(mlm.bert, "", run_cfg.model), source=str(path))
+    encoder = with_config(encoder_of(pretrained), "", run_cfg.model)  # ELECTRA: the discriminator's encoder
+    return Start(run_cfg, tokenizer, encoder=encoder, source=str(path))
 
 
 def build_classifier(start: Start, task: Task, key: jax.Array) -> BertForClassification:

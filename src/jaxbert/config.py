@@ -102,6 +102,11 @@ class TrainConfig:
     eps: float = 1e-6
     clip_norm: float = 0.5  # global gradient-norm clipping (0 disables)
     precision: str = "fp32"  # fp32 | bf16 | fp16 | fp8 (bf16 + FP8 encoder matmuls); parameters stay fp32
+    # "mlm", or "electra": a generator (electra_generator x the width) fills the masked positions, the encoder
+    # (the discriminator) predicts for every token whether it was replaced (jaxbert.model.electra)
+    objective: str = "mlm"
+    electra_generator: float = 0.25  # generator width as a fraction of model.hidden (multiple of 64)
+    electra_weight: float = 50.0  # weight of the discriminator's loss against the generator's MLM loss
     loss_scale_init: float = 32768.0  # initial dynamic loss scale (fp16 only)
     loss_scale_period: int = 2000  # finite steps before the scale doubles
     max_skipped_steps: int = 20  # stop after this many consecutive non-finite steps
@@ -283,6 +288,9 @@ def validate(cfg: Config) -> Config:
     for name in ("batch_ramp_fraction", "warmup_fraction", "final_lr_fraction"):
         _check(0.0 <= getattr(t, name) <= 1.0, f"train.{name}", "must be in [0, 1]")
     _check(t.peak_lr > 0, "train.peak_lr", "must be positive")
+    _check(t.objective in ("mlm", "electra"), "train.objective", f"expected mlm|electra, got {t.objective!r}")
+    _check(0.0 < t.electra_generator <= 1.0, "train.electra_generator", "must be in (0, 1]")
+    _check(t.electra_weight > 0, "train.electra_weight", "must be positive")
     _check(t.precision in _PRECISIONS, "train.precision", f"expected one of {_PRECISIONS}, got {t.precision!r}")
     _check(f.precision in _PRECISIONS, "finetune.precision", f"expected one of {_PRECISIONS}, got {f.precision!r}")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")

@@ -55,7 +55,10 @@ def load_source(path: str | Path) -> tuple[BertForMLM | BertForClassification, T
     if finetuned is not None:
         _, model, tokenizer, meta = load_classifier(finetuned)
         return model, tokenizer, meta
-    _, mlm, tokenizer_path = load_pretrained(path)
+    saved, mlm, tokenizer_path = load_pretrained(path)
+    if saved.train.objective != "mlm":
+        raise ValueError(f"'{path}' was pretrained with train.objective={saved.train.objective}: HF export of "
+                         "its discriminator is not supported yet; finetune it with jaxbert finetune --init")
     return mlm, load_tokenizer(tokenizer_path), None
 
 

@@ -35,7 +35,8 @@ from .checkpoint import Progress
 from .config import Config
 from .data.mlm import MLMBatch, mask_tokens
 from .distributed import constrain
-from .model import BertForMLM
+from .model import BertForMLM, mlm_of, pretraining_model
+from .model.electra import electra_sums
 from .optim import AdamWSettings, make_optimizer, micro_batches_at, progress_at, schedule_for, set_learning_rate
 from .precision import LossScale, Policy, all_finite
 
@@ -54,13 +55,16 @@ class StepSpec:
     attention: str = "auto"
     remat: bool = False
     mesh: Any = None  # a jax.sharding.Mesh: the steps pin state/accumulator shardings to it (jaxbert.distributed)
+    objective: str = "mlm"  # "mlm" or "electra" (train.objective)
+    electra_weight: float = 50.0
 
 
 def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any = None) -> StepSpec:
     """The step settings of a run: precision, masking (ids from the tokenizer), attention implementation."""
     return StepSpec(Policy.from_name(cfg.train.precision), tuple(int(i) for i in special_ids), int(mask_id),
                     cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
-                    AdamWSettings.from_config(cfg.train), cfg.impl.attention, cfg.impl.remat, mesh)
+                    AdamWSettings.from_config(cfg.train), cfg.impl.attention, cfg.impl.remat, mesh,
+                    objective=cfg.train.objective, electra_weight=cfg.train.electra_weight)
 
 
 class TrainState(eqx.Module):
@@ -86,7 +90,8 @@ def init_state(cfg: Config, *, key: jax.Array) -> TrainState:
     k_init, k_train = jax.random.split(key)
     policy = Policy.from_name(cfg.train.precision)
     scale = LossScale.create(cfg.train.loss_scale_init, cfg.train.loss_scale_period, policy.needs_loss_scaling)
-    return new_state(BertForMLM(cfg.model, key=k_init), AdamWSettings.from_config(cfg.train), scale, k_train)
+    model = pretraining_model(cfg.model, cfg.train.objective, cfg.train.electra_generator, key=k_init)
+    return new_state(model, AdamWSettings.from_config(cfg.train), scale, k_train)
 
 
 class Accumulator(eqx.Module):
@@ -143,6 +148,27 @@ def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
     return jnp.sum(nll * batch.weights), (jnp.sum(batch.weights), jnp.sum(correct * batch.weights))
 
 
+_SAMPLE_STREAM = 0x7FFFFFFF  # ELECTRA's sampling keys: fold_in(mask key, this), then the row index
+
+
+def pretraining_sums(model: Any, ids: jax.Array, batch: MLMBatch, spec: StepSpec, dropout_key: Optional[jax.Array],
+                     mask_key: jax.Array, offset: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(summed loss, (number of predictions, number correct)) of the pretraining objective on one micro-batch.
+
+    ``mlm``: the MLM cross-entropy. ``electra``: the generator's MLM loss plus ``electra_weight`` times the
+    discriminator's per-token loss (scaled to the predictions, see :func:`jaxbert.model.electra.electra_sums`);
+    accuracy is the generator's. Each row samples its replacements from ``fold_in(mask_key, ...)`` and its row
+    index, so a step does not depend on how its batch is cut into micro-batches."""
+    if spec.objective != "electra":
+        return mlm_sums(model, batch, spec, dropout_key)
+    rows = offset + jnp.arange(ids.shape[0], dtype=jnp.int32)
+    stream = jax.random.fold_in(mask_key, _SAMPLE_STREAM)
+    keys = jax.vmap(lambda r: jax.random.fold_in(stream, r))(rows)
+    total, sums = electra_sums(model, ids, batch, sample_keys=keys, dropout_key=dropout_key, policy=spec.policy,
+                               attention=spec.attention, discriminator_weight=spec.electra_weight)
+    return total, (sums["predictions"], sums["mlm_correct"])
+
+
 @functools.partial(jax.jit, static_argnames="spec", donate_argnums=1)
 def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: jax.Array,
                spec: StepSpec) -> Accumulator:
@@ -155,7 +181,8 @@ def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: ja
     slots = float(ids.shape[0] * spec.max_predictions)  # keeps the backward pass at mean-loss magnitude
 
     def scaled_loss(model: BertForMLM) -> tuple[jax.Array, tuple]:
-        total, aux = mlm_sums(model, batch, spec, jax.random.fold_in(dropout_key, offset))
+        total, aux = pretraining_sums(model, ids, batch, spec, jax.random.fold_in(dropout_key, offset), mask_key,
+                                      offset)
         return state.loss_scale.scale_loss(total / slots), (total, aux)
 
     grads, (total, (weight, correct)) = eqx.filter_grad(scaled_loss, has_aux=True)(state.model)
@@ -248,7 +275,7 @@ def eval_sums(model: BertForMLM, ids: jax.Array, key: jax.Array, offset: jax.Arr
     masked with a fixed key. The last two leave out the 20% of targets shown as themselves or a random token
     (the former can be copied from the input)."""
     batch = mask_rows(ids, key, offset, spec)
-    nll, correct = _predictions(model, batch, spec, None)
+    nll, correct = _predictions(mlm_of(model), batch, spec, None)  # ELECTRA: the generator's MLM
     hidden = batch.weights * (jnp.take_along_axis(batch.input_ids, batch.positions, axis=1) == spec.mask_id)
     sums = [nll * batch.weights, batch.weights, correct * batch.weights, hidden, correct * hidden]
     return jnp.stack([jnp.sum(x) for x in sums])

@@ -65,10 +65,12 @@ class ElectraForPretraining(eqx.Module):
 
 
 def replace_tokens(batch: MLMBatch, generator_logits: Float[Array, "b m vocab"],
-                   key: PRNGKeyArray) -> Int[Array, "b s"]:
+                   keys: PRNGKeyArray) -> Int[Array, "b s"]:
     """``batch.input_ids`` with every used slot's position set to a token sampled from the generator (unused
-    slots and unmasked positions keep their input token)."""
-    sampled = jax.random.categorical(key, jax.lax.stop_gradient(generator_logits), axis=-1).astype(jnp.int32)
+    slots and unmasked positions keep their input token). ``keys``: one key per row (``(b, 2)``), so a row's
+    samples do not depend on the rows beside it."""
+    logits = jax.lax.stop_gradient(generator_logits)
+    sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(keys, logits).astype(jnp.int32)
     current = jnp.take_along_axis(batch.input_ids, batch.positions, axis=1)
     values = jnp.where(batch.weights > 0, sampled, current)
     rows = jnp.arange(batch.input_ids.shape[0], dtype=jnp.int32)[:, None]
@@ -76,7 +78,7 @@ def replace_tokens(batch: MLMBatch, generator_logits: Float[Array, "b m vocab"],
 
 
 def electra_sums(model: ElectraForPretraining, original: Int[Array, "b s"], batch: MLMBatch, *,
-                 sample_key: PRNGKeyArray, dropout_key: Optional[PRNGKeyArray], policy: Policy, attention: str,
+                 sample_keys: PRNGKeyArray, dropout_key: Optional[PRNGKeyArray], policy: Policy, attention: str,
                  discriminator_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(generator loss sum + weight * discriminator loss sum scaled to the generator's predictions, sums).
 
@@ -93,7 +95,7 @@ def electra_sums(model: ElectraForPretraining, original: Int[Array, "b s"], batc
     predictions = jnp.sum(batch.weights)
     mlm_loss = jnp.sum(nll * batch.weights)
     mlm_correct = jnp.sum((jnp.argmax(logits, -1) == batch.targets) * batch.weights)
-    corrupted = replace_tokens(batch, logits, sample_key)
+    corrupted = replace_tokens(batch, logits, sample_keys)
     replaced = (corrupted != original).astype(jnp.float32)
     rtd_logits = model.discriminate(corrupted, key=k_disc, policy=policy, attention=attention)
     rtd = optax.sigmoid_binary_cross_entropy(rtd_logits, replaced)
@@ -104,3 +106,26 @@ def electra_sums(model: ElectraForPretraining, original: Int[Array, "b s"], batc
             "rtd_correct": jnp.sum((rtd_logits > 0) == (replaced > 0)).astype(jnp.float32), "tokens": tokens,
             "replaced": jnp.sum(replaced)}
     return total, sums
+
+
+OBJECTIVES = ("mlm", "electra")
+
+
+def pretraining_model(cfg: ModelConfig, objective: str, generator_fraction: float, *,
+                      key: PRNGKeyArray) -> BertForMLM | ElectraForPretraining:
+    """The model pretraining trains: a :class:`BertForMLM` (``mlm``) or an :class:`ElectraForPretraining`."""
+    if objective == "mlm":
+        return BertForMLM(cfg, key=key)
+    if objective == "electra":
+        return ElectraForPretraining(cfg, generator_fraction, key=key)
+    raise ValueError(f"pretraining objective '{objective}': expected one of {', '.join(OBJECTIVES)}")
+
+
+def encoder_of(model: BertForMLM | ElectraForPretraining) -> BertModel:
+    """The encoder finetuning and export take from a pretrained model (ELECTRA: the discriminator's)."""
+    return model.discriminator if isinstance(model, ElectraForPretraining) else model.bert
+
+
+def mlm_of(model: BertForMLM | ElectraForPretraining) -> BertForMLM:
+    """The masked-language model inside a pretrained model (ELECTRA: the generator)."""
+    return model.generator if isinstance(model, ElectraForPretraining) else model
