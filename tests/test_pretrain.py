@@ -151,10 +151,10 @@ def test_data_made_with_another_tokenizer_is_one_clear_error(root, tmp_path):
     other.save(tmp_path / "tok")
     cfg = config.load("tiny", _overrides(root, **{"data.source": prepared, "tokenizer.path": tmp_path / "tok"}))
     with pytest.raises(ValueError, match="different vocabulary"):
-        pretrain.load_data(cfg, log=lambda s: None)
+        pretrain.load_data(cfg, echo=lambda s: None)
     missing = config.load("tiny", _overrides(root, **{"data.source": tmp_path / "nowhere"}))
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
-        pretrain.load_data(missing, log=lambda s: None)
+        pretrain.load_data(missing, echo=lambda s: None)
 
 
 def test_quickstart_reports_before_after_baseline_and_fill_mask(root):

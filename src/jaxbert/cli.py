@@ -1,12 +1,18 @@
-"""The ``jaxbert`` command. Thin on purpose: each subcommand is ``main(argv) -> int`` in the module that owns
-the stage, so all logic stays importable and testable without a shell."""
+"""The ``jaxbert`` command. Thin on purpose: each subcommand is an entry point ``(argv) -> int`` in the
+command-line module of the stage that owns it (``jaxbert.finetune.cli``, ``jaxbert.inference.cli``,
+``jaxbert.hf.cli``; the single-module stages keep theirs beside the library code), so all logic stays importable
+and testable without a shell. ``jaxbert info`` lives here."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import importlib.metadata
+import platform
 import sys
 from typing import Callable, Optional, Sequence
 
+from . import config as config_lib
 from .config import ConfigError
 
 # subcommand -> (module, function, one-line help)
@@ -15,17 +21,63 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("jaxbert.tokenizer", "main", "train / inspect a WordPiece tokenizer (`jaxbert tokenizer train`)"),
     "prepare": ("jaxbert.data.prepare", "main", "tokenize a corpus into a memmap token stream"),
     "pretrain": ("jaxbert.pretrain", "main", "MLM pretraining"),
-    "finetune": ("jaxbert.finetune", "main", "finetune and evaluate on one GLUE task"),
-    "glue": ("jaxbert.glue_cli", "main", "finetune on every GLUE task found; table and submission zip"),
-    "predict": ("jaxbert.inference", "predict_main", "labels and probabilities of a finetuned model for a file's rows"),
-    "evaluate": ("jaxbert.inference", "evaluate_main", "dev metrics of a finetuned model (no training)"),
-    "fill-mask": ("jaxbert.fill_mask", "main", "the most likely tokens for each [MASK] of a text"),
-    "embed": ("jaxbert.embed", "main", "sentence embeddings (mean or [CLS] pooling) as a .npy array"),
-    "import-hf": ("jaxbert.hf", "import_main", "convert a HuggingFace BERT directory into a jaxbert checkpoint"),
-    "export": ("jaxbert.hf", "export_main", "export a jaxbert model as a HuggingFace directory"),
+    "finetune": ("jaxbert.finetune.cli", "finetune_main", "finetune and evaluate on one GLUE task"),
+    "glue": ("jaxbert.finetune.cli", "glue_main", "finetune on every GLUE task found; table and submission zip"),
+    "predict": ("jaxbert.inference.cli", "predict_main", "a finetuned model's labels and probabilities per row"),
+    "evaluate": ("jaxbert.inference.cli", "evaluate_main", "dev metrics of a finetuned model (no training)"),
+    "fill-mask": ("jaxbert.inference.cli", "fill_mask_main", "the most likely tokens for each [MASK] of a text"),
+    "embed": ("jaxbert.inference.cli", "embed_main", "sentence embeddings (mean or [CLS] pooling) as a .npy array"),
+    "import-hf": ("jaxbert.hf.cli", "import_main", "convert a HuggingFace BERT directory into a jaxbert checkpoint"),
+    "export": ("jaxbert.hf.cli", "export_main", "export a jaxbert model as a HuggingFace directory"),
     "bench": ("jaxbert.bench", "main", "time the pretraining step (throughput, MFU)"),
-    "info": ("jaxbert.info", "main", "versions, devices and the parameter count of every preset"),
+    "info": ("jaxbert.cli", "info_main", "versions, devices and the parameter count of every preset"),
 }
+
+
+_PACKAGES = ("jax", "jaxlib", "equinox", "optax", "numpy", "omegaconf", "tokenizers", "datasets", "safetensors",
+             "wandb", "transformers", "torch")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+def preset_parameters(name: str, overrides: Sequence[str] = ()) -> tuple[config_lib.Config, int, int]:
+    """(config, encoder+pooler parameters, with MLM head) of a preset, counted without allocating weights."""
+    import equinox as eqx
+    import jax
+
+    from .model import BertForMLM, count_parameters
+
+    cfg = config_lib.load(name, list(overrides))
+    model = eqx.filter_eval_shape(BertForMLM, cfg.model, key=jax.random.PRNGKey(0))
+    return cfg, count_parameters(model.bert), count_parameters(model)
+
+
+def info_main(argv: Sequence[str]) -> int:
+    """``jaxbert info``: library versions, devices, and the parameter count of every shipped preset."""
+    import jax
+
+    argparse.ArgumentParser(prog="jaxbert info", description=info_main.__doc__).parse_args(argv)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    print(f"backend: {jax.default_backend()}; devices: {', '.join(str(d) for d in jax.devices())}")
+    print(f"\n{'preset':<8} {'layers':>6} {'hidden':>6} {'heads':>5} {'ffn':>5} {'vocab':>6} "
+          f"{'encoder':>12} {'with MLM head':>14}")
+    for name in config_lib.list_presets():
+        cfg, encoder, total = preset_parameters(name)
+        m = cfg.model
+        print(f"{name:<8} {m.layers:>6} {m.hidden:>6} {m.heads:>5} {m.ffn:>5} {m.vocab_size:>6} "
+              f"{encoder:>12,} {total:>14,}")
+    _, encoder, total = preset_parameters("base", ["model.vocab_size=30522"])
+    print(f"\nbase with BERT's 30522-token vocabulary: {encoder:,} encoder parameters "
+          f"(pooler included), {total:,} with the MLM head")
+    return 0
 
 
 def _resolve(name: str) -> Optional[Callable[[list[str]], int]]:

@@ -65,22 +65,22 @@ def root_keys(cfg: Config) -> tuple[jax.Array, jax.Array]:
     return k_state, k_eval
 
 
-def load_data(cfg: Config, tokenizer: Any = None, log: Callable[[str], None] = print) -> PreparedData:
+def load_data(cfg: Config, tokenizer: Any = None, echo: Callable[[str], None] = print) -> PreparedData:
     """The prepared dataset: ``data.source`` may name a prepared directory; otherwise prepare (or reuse) one."""
     source = Path(cfg.data.source)
     if (source / "meta.json").is_file():
         if tokenizer is None and cfg.tokenizer.path is not None:
             tokenizer = load_tokenizer(cfg.tokenizer.path, lowercase=cfg.tokenizer.lowercase)
-        data = open_dataset(source, tokenizer, log=log)
+        data = open_dataset(source, tokenizer, echo=echo)
     else:
-        data = open_dataset(prepare(cfg, tokenizer), tokenizer, log=log)
+        data = open_dataset(prepare(cfg, tokenizer), tokenizer, echo=echo)
     problem = split_problem(cfg, data.meta["splits"])
     if problem is not None:
         raise ValueError(f"{problem} ({data.path})")
     return data
 
 
-def eval_batches(cfg: Config, data: PreparedData) -> list[np.ndarray]:
+def held_out_batches(cfg: Config, data: PreparedData) -> list[np.ndarray]:
     """The fixed held-out micro-batches: the first ``eval_batches`` micro-batches of the validation stream
     (fewer when it is short), so every evaluation of a run sees the same sequences."""
     mb, seq = cfg.train.micro_batch, cfg.data.seq_len
@@ -174,7 +174,7 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
                              start_elapsed=progress.elapsed_seconds, console=console) if main else Trackers([])
     result = PretrainResult(run_dir, cfg, state, progress, "done", None)
     failed: list[tuple[int, OSError]] = []  # the last checkpoint attempt, when it could not be written
-    held_out, eval_key = distributed.distribute(eval_batches(cfg, data), mesh), root_keys(cfg)[1]
+    held_out, eval_key = distributed.distribute(held_out_batches(cfg, data), mesh), root_keys(cfg)[1]
 
     def run_eval(s: TrainState, p: Progress) -> None:
         metrics = evaluate(s.model, held_out, spec, eval_key)

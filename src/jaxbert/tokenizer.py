@@ -17,8 +17,6 @@ import collections
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .config import TokenizerConfig
-from .fileio import write_atomic
+from .io import atomic_dir, write_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB_MULTIPLE = 64  # embedding rows are kept a multiple of this (fast matmuls on accelerators)
@@ -150,8 +148,8 @@ class Tokenizer:
         """Write ``tokenizer.json`` and ``vocab.txt`` (each atomically) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "tokenizer.json", self._inner.to_str(pretty=True))
-        _write_atomic(directory / "vocab.txt", "".join(t + "\n" for t in self.vocab()))
+        write_atomic(directory / "tokenizer.json", self._inner.to_str(pretty=True))
+        write_atomic(directory / "vocab.txt", "".join(t + "\n" for t in self.vocab()))
         return directory
 
 
@@ -169,10 +167,6 @@ def _truncate_longest_first(a: list[int], b: Optional[list[int]], budget: int) -
         n_short, n_long = budget // 2, budget // 2 + budget % 2
     keep_a, keep_b = (n_long, n_short) if len(a) > len(b) else (n_short, n_long)
     return a[:keep_a], b[:keep_b]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_atomic(path, text)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -423,15 +417,7 @@ def save_new(tok: Tokenizer, out: Path) -> Path:
     """Save into a temporary sibling of ``out`` and rename it into place (``out`` new or empty): a failure
     leaves neither a partial directory nor temporary files."""
     check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tok.save(tmp)
-        os.rename(tmp, out)  # replaces an empty directory; fails on one that was filled meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return atomic_dir(out, tok.save, manifest=False, exists="refuse")
 
 
 def _train_command(args: argparse.Namespace) -> int:
