@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from jaxbert import config
+from jaxbert import cli, config
 from jaxbert.data import prepare as prep
 from jaxbert.data.corpus import iter_documents
 from jaxbert.data.loader import get_batch
@@ -144,7 +144,7 @@ def test_cli(setup, capsys):
     cfg, _ = setup
     overrides = [f"data.source={cfg.data.source}", f"data.cache_dir={cfg.data.cache_dir}", "tokenizer.vocab_size=128",
                  "data.min_doc_chars=10"]
-    assert prep.main(["--config", "tiny", "--quiet", *overrides]) == 0
+    assert cli.prepare_main(["--config", "tiny", "--quiet", *overrides]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "sample:" in lines[-2] and os.path.isfile(os.path.join(lines[-1], "meta.json"))
 

@@ -241,17 +241,6 @@ def summary(result: PretrainResult) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxbert pretrain", description="MLM pretraining of a BERT encoder.")
-    config_lib.add_config_arguments(parser, default_preset="base")
-    parser.set_defaults(config=None)  # None: the preset default, or the resumed run's own config
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the newest valid checkpoint of --run-dir (or of the newest run in out_dir)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: out_dir/<run name>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
 # keys that say what a run is trained on and what it trains: a resumed run keeps them
 _RUN_SECTIONS = ("data", "tokenizer", "model")
 _FREE_KEYS = ("model.vocab_size", "train.run_name", "train.out_dir", "data.cache_dir")  # derived or locations
@@ -320,18 +309,3 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
                                           _override_value(args.overrides, "train.run_name", defaults.run_name))
         return resume_config(Path(run_dir), args.overrides, args.config), run_dir
     return config_lib.load(args.config or "base", args.overrides), run_dir
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = config_lib.parse_args(build_parser(), argv)
-    cfg, run_dir = resolve_config(args)
-    config_lib.apply_runtime(cfg.impl)  # XLA flags, compilation cache: before anything starts the JAX backend
-    result = pretrain(cfg, run_dir=run_dir, resume=args.resume, console=not args.quiet)
-    if not distributed.is_main_process():
-        return 0 if result.reason == "done" else 128 + (result.signal or signal.SIGINT)
-    print(summary(result))
-    if result.reason == "stopped":
-        print(f"stopped at step {result.progress.step}; continue with: jaxbert pretrain --resume "
-              f"--run-dir {result.run_dir}", file=sys.stderr)
-        return 128 + (result.signal or signal.SIGINT)
-    return 0

@@ -21,7 +21,6 @@ deterministic fraction ``data.val_fraction``, independent of batch sizes and wor
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -31,7 +30,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -371,18 +370,3 @@ def open_dataset(path: str | Path, tokenizer: Optional[Tokenizer] = None,
         echo(f"data {path}: train {len(data.train):,} tokens, validation {len(data.validation):,} tokens; "
             f"sample: {tokenizer.decode(sample, skip_special_tokens=False)!r}")
     return data
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..config import add_config_arguments, from_args, parse_args
-
-    parser = argparse.ArgumentParser(prog="jaxbert prepare", description="Tokenize a corpus into a memmap token "
-                                     "stream (train.bin, validation.bin, meta.json) under data.cache_dir.")
-    add_config_arguments(parser, default_preset="base")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parse_args(parser, argv)
-    cfg = from_args(args)
-    path = prepare(cfg, progress=not args.quiet)
-    open_dataset(path)
-    print(path)
-    return 0
