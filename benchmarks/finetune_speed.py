@@ -12,7 +12,7 @@ Recipe (HF's usual one, both sides): AdamW lr ``--lr``, betas 0.9/0.999, eps 1e-
 biases and LayerNorm), linear warm-up over 10% then linear decay, batch ``--batch``, ``--epochs`` epochs, dropout
 0.1, bf16 autocast with fp32 master weights, gradient clipping 1.0, sequences truncated to 128 tokens.
 
-* ``jaxbert``: ``jaxbert.finetune.run`` with ``--config`` and overrides; ``compile_s`` is the sum of XLA
+* ``jaxbert``: ``jaxbert.finetune.trainer.run`` with ``--config`` and overrides; ``compile_s`` is the sum of XLA
   compilation times reported by ``jax.monitoring`` (persistent-cache hits compile nothing).
 * ``hf-eager`` / ``hf-compile``: ``BertForSequenceClassification`` (SDPA attention), batches padded to their
   longest row (HF's ``DataCollatorWithPadding`` convention), fused torch AdamW; ``hf-compile`` wraps the model
@@ -65,10 +65,10 @@ def run_jaxbert(args: argparse.Namespace) -> dict:
     from jax._src import dispatch  # the event's name; the listener API itself is public
 
     from jaxbert import config as config_lib
-    from jaxbert.classifier import prepare_start
+    from jaxbert.finetune.model_dir import prepare_start
     from jaxbert.data.glue import get_task
     from jaxbert.data.task_data import load_task_data
-    from jaxbert.finetune import run
+    from jaxbert.finetune.trainer import run
 
     compiles: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -107,7 +107,7 @@ def run_hf(args: argparse.Namespace, compiled: bool) -> dict:
     from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
     from jaxbert.data.glue import get_task, read_split
-    from jaxbert.metrics import compute
+    from jaxbert.finetune.metrics import compute
 
     torch.manual_seed(args.seed)
     task = get_task(args.task)

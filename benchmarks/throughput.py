@@ -91,7 +91,7 @@ def run_case(case: dict[str, Any], rows: dict[str, dict[str, Any]], workdir: Pat
         argv += ["--devices", str(case["devices"])]
     if case.get("profile"):
         argv += ["--profile", str(workdir / f"profile-{case['name']}")]
-    args = bench.parse_args(argv)
+    args = bench.bench_arguments(argv)
     cfg = bench.bench_config(args.config, args.batch, args.seq, args.micro_batch, args.precision,
                              tuple(args.overrides))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([variant_tree(case, workdir),

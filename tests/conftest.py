@@ -6,10 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
-import jax
 import pytest
 
-jax.config.update("jax_enable_x64", False)
+
+def pytest_configure(config):
+    import jax  # here, not at import: tests/dist_worker.py imports TINY before it sets up its JAX devices
+
+    jax.config.update("jax_enable_x64", False)
+
 # CLI entry points turn on JAX's persistent compilation cache under $XDG_CACHE_HOME/jaxbert: keep the tests' own
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="jaxbert-tests-cache-"))
 
@@ -24,11 +28,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# The tiny test model (2 layers, hidden 32, vocabulary 128, sequences of 32) as overrides of the "tiny" preset;
+# test modules import TINY / tiny() from here (``from conftest import ...``) and add their own keys.
+TINY = ["model.hidden=32", "model.heads=2", "model.ffn=64", "model.vocab_size=128", "model.max_positions=64",
+        "finetune.max_len=64", "data.seq_len=32", "data.max_predictions=6"]
+
+
+def tiny(*extra: str):
+    """The tiny test config, with ``extra`` dotlist overrides applied after :data:`TINY`."""
+    from jaxbert import config
+
+    return config.load("tiny", TINY + [str(e) for e in extra])
+
+
 @pytest.fixture
 def tiny_config():
     """A very small model config (2 layers, hidden 32) for fast tests."""
-    from jaxbert import config
-
-    return config.load("tiny", ["model.hidden=32", "model.heads=2", "model.ffn=64", "model.vocab_size=128",
-                                "model.max_positions=64", "data.seq_len=32", "data.max_predictions=6",
-                                "finetune.max_len=64"])
+    return tiny()

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from conftest import TINY
+
 
 def _set_devices(count: int) -> None:
     """Before JAX starts: ``count`` CPU devices, and a cheap compile (this is about equality, not speed)."""
@@ -31,9 +33,7 @@ def _set_devices(count: int) -> None:
 
 
 SPECIAL, MASK_ID, VOCAB, SEQ = (0, 1, 2, 3, 4), 4, 128, 32
-OVERRIDES = ["model.hidden=32", "model.heads=2", "model.ffn=64", f"model.vocab_size={VOCAB}",
-             "model.max_positions=64", "model.layers=2", "finetune.max_len=64", f"data.seq_len={SEQ}",
-             "data.max_predictions=6", "train.micro_batch=8", "train.batch_start=16", "train.batch_end=16",
+OVERRIDES = TINY + ["model.layers=2", "train.micro_batch=8", "train.batch_start=16", "train.batch_end=16",
              "train.peak_lr=1e-2", "train.warmup_fraction=0.0", "train.steps=3", "impl.log_every=1",
              "train.seed=0"]
 
@@ -115,20 +115,22 @@ def _error_of(fn) -> str:
 
 def _finetune(cfg, mesh, batch, steps: int = 2):
     """``steps`` finetuning steps (dropout on) of a tiny classifier on ``mesh`` through the training core
-    (:func:`jaxbert.train.fused_step`); (losses, host params, outputs of :func:`jaxbert.finetune.predict_step` on
+    (:func:`jaxbert.train.fused_step`); (losses, host params, outputs of
+    :func:`jaxbert.finetune.trainer.predict_step` on
     the batch through ``on_mesh_of``, parameter shardings)."""
     import equinox as eqx
     import jax
     import numpy as np
 
-    from jaxbert import distributed, finetune
+    from jaxbert import distributed
+    from jaxbert.finetune import trainer as finetune
     from jaxbert.model import BertForClassification
     from jaxbert.optim import AdamWSettings
     from jaxbert.precision import LossScale, Policy
     from jaxbert.train import fused_step, new_state
 
     model = BertForClassification(cfg.model, 3, key=jax.random.PRNGKey(1))
-    settings = AdamWSettings.for_finetuning(cfg.finetune)
+    settings = AdamWSettings.of(cfg.finetune)
     state = new_state(model, settings, LossScale.create(dynamic=False), jax.random.PRNGKey(2))
     state, losses = distributed.shard_state(state, mesh), []
     objective = finetune.ClassificationLoss(Policy(), "xla")

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from jaxbert import checkpoint as ckpt
+from conftest import tiny
 from jaxbert import config
+from jaxbert import io as jio
 from jaxbert.checkpoint import CheckpointError, Progress
 from jaxbert.train import init_state
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    return config.load("tiny", ["model.hidden=32", "model.heads=2", "model.ffn=64", "model.vocab_size=128",
-                                "model.max_positions=64", "finetune.max_len=64", "data.seq_len=32",
-                                "data.max_predictions=6"])
+    return tiny()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_incompatible_config_is_one_clear_error(tmp_path, cfg, state, tokenizer_
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, cfg, state, tokenizer_dir, monkeypatch):
     run = tmp_path / "run"
     _save(run, cfg, state, 1, tokenizer_dir)
-    real_write, calls = ckpt._write_file, []
+    real_write, calls = jio.write_bytes, []
 
     def failing_write(path, data):
         calls.append(path.name)
@@ -106,10 +106,10 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, cfg, sta
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_file", failing_write)
+    monkeypatch.setattr(jio, "write_bytes", failing_write)
     with pytest.raises(OSError, match="No space left on device.*previous checkpoint is left"):
         _save(run, cfg, state, 2, tokenizer_dir)
-    monkeypatch.setattr(ckpt, "_write_file", real_write)
+    monkeypatch.setattr(jio, "write_bytes", real_write)
     assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step_00000001"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     with warnings.catch_warnings():
@@ -148,7 +148,7 @@ def test_save_model_and_load_pretrained_accept_model_checkpoint_and_run_dirs(tmp
 
 
 def test_model_tensors_are_checked_by_name_and_shape(cfg, state):
-    tensors = ckpt.model_tensors(state.model)
+    tensors = jio.named_arrays(state.model)
     assert "bert.layers.qkv.weight" in tensors and tensors["bert.layers.qkv.weight"].shape == (2, 32, 96)
     missing = dict(tensors)
     missing.pop("mlm.bias")

@@ -132,7 +132,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):  # issue 19, defect 11
 
 
 def test_overrides_may_follow_options():  # issue 19, defect 11
-    from jaxbert.pretrain import build_parser
+    from jaxbert.cli import pretrain_parser as build_parser
 
     for argv in (["train.steps=5", "--resume"], ["--resume", "train.steps=5"],
                  ["--config", "tiny", "--resume", "train.steps=5", "--quiet", "train.seed=2"]):

@@ -126,7 +126,7 @@ def test_electra_steps_do_not_depend_on_the_micro_batch_split_and_lower_the_loss
 
 def test_electra_checkpoint_restores_bitwise_and_finetuning_takes_the_discriminator(tmp_path):
     from jaxbert import checkpoint as ckpt
-    from jaxbert.classifier import prepare_start
+    from jaxbert.finetune.model_dir import prepare_start
     from jaxbert.data import glue
     from jaxbert.train import init_state, make_spec, train_step
 

@@ -15,11 +15,11 @@ import pytest
 
 import jaxbert
 from jaxbert.config import ModelConfig
-from jaxbert.embed import embed, sentence_transformers_files
-from jaxbert.hf import export_main
-from jaxbert.hf_convert import skeleton
-from jaxbert.hf_export import export_hf
-from jaxbert.hf_import import import_hf
+from jaxbert.inference.embed import embed, sentence_transformers_files
+from jaxbert.hf.cli import export_main
+from jaxbert.hf.convert import skeleton
+from jaxbert.hf.export import export_hf
+from jaxbert.hf.importer import import_hf
 from jaxbert.tokenizer import load_tokenizer
 
 WORDS = "the film movie is was not very good bad great fun dull story acting plot it this of and to".split()

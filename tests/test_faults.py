@@ -18,7 +18,7 @@ import pytest
 from test_pretrain import _corpus, _env, _final_files, _finish, _overrides, _pretrain, _wait_for
 
 from jaxbert import checkpoint as ckpt
-from jaxbert import cli, fileio
+from jaxbert import cli, io as fileio
 
 STEPS = 60  # pretraining runs: long enough to be killed between checkpoints
 WORDS = ("a quiet harbour town keeps its boats painted in bright colours and every spring the fishermen mend "
@@ -153,7 +153,7 @@ def _pretrain_args(root: Path, name: str) -> list[str]:
 
 
 _DRIVER = ("import sys\nsys.path.insert(0, {tests!r})\nfrom test_faults import FullDisk\nfrom jaxbert import cli, "
-           "fileio\nfileio.open_write = FullDisk({limit}).open\nsys.exit(cli.main({argv!r}))\n")
+           "io as fileio\nfileio.open_write = FullDisk({limit}).open\nsys.exit(cli.main({argv!r}))\n")
 
 
 def test_pretrain_on_a_full_disk_exits_non_zero_and_keeps_the_last_checkpoint(pretrain_root):

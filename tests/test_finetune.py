@@ -16,12 +16,12 @@ import optax
 import pytest
 
 from jaxbert import config
-from jaxbert.classifier import build_classifier, load_classifier, prepare_start, save_classifier
+from jaxbert.finetune.model_dir import build_classifier, load_classifier, prepare_start, save_classifier
 from jaxbert.cli import main as cli_main
 from jaxbert.data import glue
 from jaxbert.data.pairs import encode_split, make_batch
 from jaxbert.data.task_data import TaskData
-from jaxbert.finetune import _device_batch, batch_loss, predict, run
+from jaxbert.finetune.trainer import _device_batch, batch_loss, predict, run
 from jaxbert.optim import AdamWSettings, decay_mask
 from jaxbert.precision import Policy
 from jaxbert.tokenizer import load_tokenizer
@@ -85,12 +85,12 @@ def test_filler_rows_do_not_change_the_loss(rte_model):
 
 def test_weight_decay_mask_skips_biases_and_layernorm(rte_model):
     cfg, _, model = rte_model
-    mask = decay_mask(model, AdamWSettings.for_finetuning(cfg.finetune).no_decay)
+    mask = decay_mask(model, AdamWSettings.of(cfg.finetune).no_decay)
     assert mask.classifier.weight and not mask.classifier.bias
     assert mask.bert.embeddings.token and not mask.bert.embeddings.norm.scale
     assert mask.bert.layers.qkv.weight and not mask.bert.layers.qkv.bias and not mask.bert.layers.attn_norm.scale
     assert mask.bert.pooler.weight  # finetuning trains the pooler; pretraining leaves it alone (not decayed)
-    assert not decay_mask(model, AdamWSettings.from_config(cfg.train).no_decay).bert.pooler.weight
+    assert not decay_mask(model, AdamWSettings.of(cfg.train).no_decay).bert.pooler.weight
 
 
 # ----------------------------------------------------------------------------------------- inits and errors
@@ -274,7 +274,7 @@ def _reference_step(model, opt_state, batch, lr, optimizer):
 def test_shared_fused_step_equals_the_old_finetuning_update(rte_model):
     """Six steps of the training core (fused_step with the finetuning objective) give the losses and parameters
     of the old finetuning step on the same batches."""
-    from jaxbert.finetune import ClassificationLoss
+    from jaxbert.finetune.trainer import ClassificationLoss
     from jaxbert.precision import LossScale
     from jaxbert.train import fused_step, new_state
 
@@ -285,7 +285,7 @@ def test_shared_fused_step_equals_the_old_finetuning_update(rte_model):
     enc = encode_split(data, start.tokenizer, 32)
     batches = [_device_batch(make_batch(enc, np.arange(i % 2 * 8, i % 2 * 8 + 8), 8, 32)) for i in (0, 0, 0, 0, 0, 1)]
     lrs = [3e-3, 1e-2, 1e-2, 1e-2, 1e-2, 3e-3]
-    settings = AdamWSettings.for_finetuning(cfg.finetune)
+    settings = AdamWSettings.of(cfg.finetune)
     assert (settings.b1, settings.b2, settings.eps, settings.clip_norm) == (0.9, 0.999, 1e-6, 1.0)
     def mask(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].name not in ("bias", "scale"), params)
@@ -315,7 +315,7 @@ def _copy_model(model):
 def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_finetuning(rte_model, tmp_path):
     """A NaN label makes the loss non-finite: the step is skipped (parameters kept bitwise); a run of such steps
     stops finetuning with a clear error."""
-    from jaxbert.finetune import ClassificationLoss
+    from jaxbert.finetune.trainer import ClassificationLoss
     from jaxbert.precision import LossScale
     from jaxbert.train import TrainingDiverged, fused_step, new_state
 
@@ -325,7 +325,7 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_finetuning(rte_mod
     data = glue.SplitData("stsb", "train", "mem", sentences(rng, 8), sentences(rng, 8),
                           np.array([1.0, np.nan] + [2.0] * 6, np.float32), [str(i) for i in range(8)])
     enc = encode_split(data, start.tokenizer, 32)
-    settings = AdamWSettings.for_finetuning(cfg.finetune)
+    settings = AdamWSettings.of(cfg.finetune)
     state = new_state(_copy_model(regression), settings, LossScale.create(dynamic=False), jax.random.PRNGKey(1))
     before = [np.asarray(x) for x in jax.tree.leaves(state.model)]
     state, metrics = fused_step(state, _device_batch(make_batch(enc, np.arange(8), 8, 32)), np.float32(1e-3),
@@ -364,20 +364,20 @@ def test_finetuning_compiles_in_the_first_epoch_only(rte_model, tmp_path):
         def echo(line: str) -> None:
             epochs.append(len(compiles))
 
-        from jaxbert import finetune as ft
+        from jaxbert.finetune import trainer as ft
 
-        original = ft.evaluate
+        original = ft.dev_metrics
 
         def counting_evaluate(*args, **kwargs):
             out = original(*args, **kwargs)
             epochs.append(len(compiles))
             return out
 
-        ft.evaluate = counting_evaluate
+        ft.dev_metrics = counting_evaluate
         try:
             ft.run(run_cfg, start, TaskData(glue.TASKS["rte"], enc, {"dev": enc}), progress=False, echo=echo)
         finally:
-            ft.evaluate = original
+            ft.dev_metrics = original
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     after_epoch = epochs[1:4]  # compile counts after each epoch's evaluation (epochs[0]: the start message)
@@ -385,7 +385,7 @@ def test_finetuning_compiles_in_the_first_epoch_only(rte_model, tmp_path):
 
 
 def test_fresh_run_dir_clears_an_interrupted_run_and_refuses_anything_else(tmp_path):
-    from jaxbert.finetune import fresh_run_dir
+    from jaxbert.finetune.trainer import fresh_run_dir
 
     said: list[str] = []
     interrupted = tmp_path / "interrupted"

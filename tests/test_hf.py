@@ -16,11 +16,12 @@ import pytest
 
 from jaxbert.checkpoint import load_pretrained, save_model
 from jaxbert.config import ModelConfig
-from jaxbert.hf import export_main, import_main
-from jaxbert.hf_convert import (flat_params, hf_config_from_model, hf_state_to_model, model_config_from_hf,
+from jaxbert.hf.cli import export_main, import_main
+from jaxbert.hf.convert import (hf_config_from_model, hf_state_to_model, model_config_from_hf,
                                 model_to_hf_state, skeleton)
-from jaxbert.hf_export import export_hf, load_source
-from jaxbert.hf_import import import_hf, run_config
+from jaxbert.hf.export import export_hf, load_source
+from jaxbert.io import named_arrays
+from jaxbert.hf.importer import import_hf, run_config
 from jaxbert.model import BertForClassification, BertForMLM
 from jaxbert.tokenizer import load_tokenizer
 
@@ -66,7 +67,7 @@ def _forward(model, ids, seg, mask):
 
 
 def _same_params(a, b) -> bool:
-    fa, fb = flat_params(a), flat_params(b)
+    fa, fb = named_arrays(a), named_arrays(b)
     return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
 
 
@@ -181,7 +182,7 @@ def test_import_classifier_keeps_head_and_labels(tmp_path, capsys):
     assert np.abs(np.asarray(_forward(model, ids, seg, mask)) - ref.logits.numpy()).max() <= 1e-4
     # finetuning picks the head up when the task has as many labels (MNLI: 3), and refuses a mismatch
     from jaxbert import config
-    from jaxbert.classifier import prepare_start
+    from jaxbert.finetune.model_dir import prepare_start
     from jaxbert.data.glue import get_task
 
     run = config.load("base", ["data.seq_len=32", "data.max_predictions=5", "finetune.max_len=32"])

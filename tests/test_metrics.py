@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from jaxbert import metrics
+from jaxbert.finetune import metrics
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import pytest
 import yaml
 
 from jaxbert import checkpoint as ckpt
+from conftest import tiny
 from jaxbert import config
 from jaxbert.checkpoint import Progress
-from jaxbert.classifier import load_classifier, save_classifier
-from jaxbert.hf import export_main
+from jaxbert.finetune.model_dir import load_classifier, save_classifier
+from jaxbert.hf.cli import export_main
 from jaxbert.model import BertForClassification
-from jaxbert.modelcard import pretraining_facts
+from jaxbert.checkpoint import pretraining_facts
 from jaxbert.tokenizer import load_tokenizer
 from jaxbert.train import init_state
 
@@ -27,9 +27,7 @@ def setup(tmp_path_factory):
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
                                               [f"w{i}" for i in range(123)]) + "\n")
     tokenizer = load_tokenizer(root / "vocab.txt")
-    cfg = config.load("tiny", ["model.hidden=32", "model.heads=2", "model.ffn=64", "model.vocab_size=128",
-                               "model.max_positions=64", "finetune.max_len=64", "data.seq_len=32",
-                               "data.max_predictions=6", "data.source=my_corpus/"])
+    cfg = tiny("data.source=my_corpus/")
     run = root / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(

@@ -12,7 +12,7 @@ import pytest
 
 from jaxbert import config
 from jaxbert.model import BertForMLM
-from jaxbert.optim import (AdamWSettings, batch_size_at, decay_mask, make_optimizer, micro_batches_at, one_cycle,
+from jaxbert.optim import (AdamWSettings, decay_mask, make_optimizer, micro_batches_at, one_cycle,
                            progress_at, set_learning_rate)
 
 
@@ -37,6 +37,11 @@ def test_one_cycle_end_points_and_shape(warmup, final):
 
 def _train(**changes):
     return dataclasses.replace(config.TrainConfig(), **changes)
+
+
+def batch_size_at(train, progress: float) -> int:
+    """Sequences per optimizer step at ``progress``."""
+    return micro_batches_at(train, progress) * train.micro_batch
 
 
 def test_batch_ramp_end_points_monotone_whole_micro_batches():

@@ -10,10 +10,11 @@ import random
 import numpy as np
 import pytest
 
-from jaxbert import config
+from jaxbert import cli, config
 from jaxbert.data import prepare as prep
 from jaxbert.data.corpus import iter_documents
 from jaxbert.data.loader import get_batch
+from jaxbert.io import tmp_name
 from jaxbert.tokenizer import load_tokenizer, train_tokenizer
 
 WORDS = ("a quiet harbour town keeps its boats painted in bright colours and every spring the fishermen mend "
@@ -42,7 +43,7 @@ def test_stream_is_the_encoded_documents(setup, capsys):
     cfg, documents = setup
     path = prep.prepare(cfg, progress=False)
     assert "training a WordPiece tokenizer" in capsys.readouterr().out
-    data = prep.open_dataset(path, log=None)
+    data = prep.open_dataset(path, echo=None)
     tok = data.tokenizer
     assert data.meta["dtype"] == "uint16" and data.train.dtype == np.uint16
     val = prep.is_validation(np.arange(len(documents)), 0.2)
@@ -91,7 +92,7 @@ def test_given_tokenizer_and_vocab_mismatch(setup, tmp_path):
     with pytest.raises(prep.DatasetMismatchError, match="different vocabulary"):
         prep.check_compatible(meta, other)
     with pytest.raises(prep.DatasetMismatchError, match=str(path)):
-        prep.open_dataset(path, tokenizer=other, log=None)
+        prep.open_dataset(path, tokenizer=other, echo=None)
     prep.check_compatible(meta, tok)  # the right one passes
 
 
@@ -111,7 +112,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(setup, monkeypatch):
     cache = prep.dataset_dir(cfg, tok).parent
     assert list(cache.iterdir()) == []
     # a run killed outright leaves a temporary directory; the next run removes it once its process is gone
-    stale = cache / f"0123456789abcdef{prep._tmp_suffix(2**22 + 12345)}"  # any hash, a process that is gone
+    stale = tmp_name(cache / "0123456789abcdef", 2**22 + 12345)  # any hash, a process that is gone
     (stale / "train.bin").parent.mkdir(parents=True)
     (stale / "train.bin").write_bytes(b"\x00" * 10)
     monkeypatch.undo()
@@ -136,14 +137,14 @@ def test_open_errors(tmp_path, setup):
     with open(path / "train.bin", "ab") as handle:  # a file that no longer matches meta.json
         handle.write(b"\x00\x00")
     with pytest.raises(ValueError, match="train.bin: .* meta.json says"):
-        prep.open_dataset(path, log=None)
+        prep.open_dataset(path, echo=None)
 
 
 def test_cli(setup, capsys):
     cfg, _ = setup
     overrides = [f"data.source={cfg.data.source}", f"data.cache_dir={cfg.data.cache_dir}", "tokenizer.vocab_size=128",
                  "data.min_doc_chars=10"]
-    assert prep.main(["--config", "tiny", "--quiet", *overrides]) == 0
+    assert cli.prepare_main(["--config", "tiny", "--quiet", *overrides]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "sample:" in lines[-2] and os.path.isfile(os.path.join(lines[-1], "meta.json"))
 
@@ -158,7 +159,7 @@ def test_real_wikipedia_with_published_vocab(shared_data, tmp_path):
     vocab = Path(next(iter(spec.submodule_search_locations))) / "model" / "vocab.txt"
     cfg = config.load("tiny", [f"data.source={shared_data / 'wikipedia' / 'part2' / 'AA' / 'wiki_00.bz2'}",
                                f"data.cache_dir={tmp_path}", f"tokenizer.path={vocab}", "data.max_documents=40"])
-    data = prep.open_dataset(prep.prepare(cfg, progress=False), log=None)
+    data = prep.open_dataset(prep.prepare(cfg, progress=False), echo=None)
     assert data.meta["documents"] == 40 and data.meta["vocab_size"] == 30522
     assert np.asarray(data.train.tokens).max() < 30522 and data.tokenizer.special.sep == 102
 
@@ -170,7 +171,7 @@ def test_line_per_document_corpus_has_a_validation_split(tmp_path, capsys):  # i
     cfg = config.load("tiny", [f"data.source={tmp_path / 'news.txt'}", f"data.cache_dir={tmp_path / 'cache'}",
                                "tokenizer.vocab_size=128", "data.min_doc_chars=10", "data.val_fraction=0.05",
                                "data.seq_len=16", "data.max_predictions=4"])
-    data = prep.open_dataset(prep.prepare(cfg, progress=False), log=None)
+    data = prep.open_dataset(prep.prepare(cfg, progress=False), echo=None)
     assert "text_format=line" in capsys.readouterr().out
     assert data.meta["documents"] == 300 and 0 < data.meta["splits"]["validation"]["documents"] < 300
     assert len(data.validation) >= 16

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jaxbert import checkpoint as ckpt
-from jaxbert import config
+from jaxbert import cli, config
 from jaxbert.data.prepare import prepare
 from jaxbert.tracking import read_jsonl
 
@@ -151,10 +151,10 @@ def test_data_made_with_another_tokenizer_is_one_clear_error(root, tmp_path):
     other.save(tmp_path / "tok")
     cfg = config.load("tiny", _overrides(root, **{"data.source": prepared, "tokenizer.path": tmp_path / "tok"}))
     with pytest.raises(ValueError, match="different vocabulary"):
-        pretrain.load_data(cfg, log=lambda s: None)
+        pretrain.load_data(cfg, echo=lambda s: None)
     missing = config.load("tiny", _overrides(root, **{"data.source": tmp_path / "nowhere"}))
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
-        pretrain.load_data(missing, log=lambda s: None)
+        pretrain.load_data(missing, echo=lambda s: None)
 
 
 def test_quickstart_reports_before_after_baseline_and_fill_mask(root):
@@ -184,15 +184,15 @@ def test_resume_keeps_the_runs_corpus_and_config(tmp_path):  # issue 19, defect 
     before = (run / "config.yaml").read_bytes()
     other = tmp_path / "other.yaml"
     other.write_text(f"data:\n  source: {tmp_path / 'elsewhere.txt'}\n")
-    args = config.parse_args(pretrain.build_parser(), ["--resume", "--run-dir", str(run), "--config", str(other)])
+    args = config.parse_args(cli.pretrain_parser(), ["--resume", "--run-dir", str(run), "--config", str(other)])
     with pytest.raises(ValueError, match=r"incompatible config: --config .*other.yaml gives data.source="):
         pretrain.resolve_config(args)
-    args = config.parse_args(pretrain.build_parser(), ["--resume", "--run-dir", str(run),
+    args = config.parse_args(cli.pretrain_parser(), ["--resume", "--run-dir", str(run),
                                                        f"data.source={tmp_path / 'elsewhere.txt'}"])
     with pytest.raises(ValueError, match="'data.source': the run .* keeps its corpus"):
         pretrain.resolve_config(args)
     assert (run / "config.yaml").read_bytes() == before
-    args = config.parse_args(pretrain.build_parser(), ["--resume", "--run-dir", str(run)])
+    args = config.parse_args(cli.pretrain_parser(), ["--resume", "--run-dir", str(run)])
     cfg, run_dir = pretrain.resolve_config(args)
     assert run_dir == run and cfg.data.source == str(tmp_path / "corpus.txt") and cfg.data.seq_len == 32
 
@@ -204,7 +204,7 @@ def test_resume_overrides_are_checked_against_the_run(tmp_path):  # issue 19, de
     # valid for the run (seq_len 32), invalid for the base preset (seq_len 128 masks 19 positions)
     argv = ["train.steps=7", "--resume", f"train.out_dir={tmp_path / 'runs'}", "train.run_name=r1",
             "data.max_predictions=5"]
-    cfg, run_dir = pretrain.resolve_config(config.parse_args(pretrain.build_parser(), argv))
+    cfg, run_dir = pretrain.resolve_config(config.parse_args(cli.pretrain_parser(), argv))
     assert run_dir == run and cfg.train.steps == 7 and cfg.data.max_predictions == 5 and cfg.model.hidden == 32
     with pytest.raises(config.ConfigError, match="'data.max_predictions'"):
-        pretrain.resolve_config(config.parse_args(pretrain.build_parser(), [*argv, "data.max_predictions=1"]))
+        pretrain.resolve_config(config.parse_args(cli.pretrain_parser(), [*argv, "data.max_predictions=1"]))

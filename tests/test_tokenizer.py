@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from jaxbert.config import TokenizerConfig
-from jaxbert.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, main, train_tokenizer
+from jaxbert.cli import tokenizer_main as main
+from jaxbert.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
 WORDS = ("the river runs past an old mill where farmers bring grain every autumn and the miller grinds "
          "it into flour while children watch from the wooden bridge above the water").split()

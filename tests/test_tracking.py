@@ -128,7 +128,7 @@ def test_jaxbert_imports_and_runs_without_tensorboard():
     import subprocess
 
     code = ("import sys; sys.modules['tensorboard'] = None\n"
-            "import jaxbert, jaxbert.pretrain, jaxbert.finetune, jaxbert.api, jaxbert.inference, jaxbert.embed\n"
+            "import jaxbert, jaxbert.pretrain, jaxbert.finetune.trainer, jaxbert.inference.api, jaxbert.inference.cli\n"
             "from jaxbert import config, tracking\n"
             "tracking.make_trackers(config.load('tiny', ['tracking.plots=false', 'tracking.jsonl=false']), '.', 'r',"
             " console=False).close()\nprint('ok')")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import TINY
 from jaxbert import config
 from jaxbert.checkpoint import Progress
 from jaxbert.precision import LossScale
@@ -18,10 +19,8 @@ from jaxbert.train import (Periodic, TrainingDiverged, apply_step, evaluate, ini
 
 SPECIAL = (0, 1, 2, 3, 4)
 MASK_ID = 4
-OVERRIDES = ["model.hidden=32", "model.heads=2", "model.ffn=64", "model.vocab_size=128", "model.max_positions=64",
-             "finetune.max_len=64", "data.seq_len=32", "data.max_predictions=6", "train.micro_batch=4",
-             "train.batch_start=4", "train.batch_end=8", "train.peak_lr=1e-2", "train.warmup_fraction=0.0",
-             "train.weight_decay=0.0"]
+OVERRIDES = TINY + ["train.micro_batch=4", "train.batch_start=4", "train.batch_end=8", "train.peak_lr=1e-2",
+                    "train.warmup_fraction=0.0", "train.weight_decay=0.0"]
 
 
 def _config(*extra: str) -> config.Config:

@@ -280,7 +280,7 @@ def table(rows: list[dict[str, Any]], reference: Optional[dict[str, Any]] = None
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def bench_arguments(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jaxbert bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="base", help="preset name or YAML file (default: base)")
@@ -321,7 +321,7 @@ def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    args = bench_arguments(argv)
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
         return 0

@@ -16,15 +16,14 @@ directory under the final name; a directory without a valid manifest is ignored 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
 import warnings
+from io import BytesIO
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
@@ -34,12 +33,11 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from . import config as config_lib
-from . import fileio, modelcard
+from . import io, modelcard
 from .config import Config
 from .model import BertForMLM, pretraining_model
 
-FORMAT = 1
-MANIFEST = "manifest.json"
+MANIFEST = io.MANIFEST
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.eqx"
@@ -48,7 +46,7 @@ CHECKPOINTS = "checkpoints"
 _PREFIX = "step_"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(io.ManifestError):
     """A checkpoint is missing, truncated, corrupt, or was written for an incompatible config."""
 
 
@@ -61,120 +59,24 @@ class Progress:
     elapsed_seconds: float = 0.0  # training time so far (time-budget mode)
 
 
-# ----------------------------------------------------------------------------------------------- low-level I/O
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write bytes and fsync them (the one place checkpoint payloads reach the disk)."""
-    with fileio.open_write(path) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def _atomic_dir(final: Path, write: Callable[[Path], dict[str, Any]]) -> Path:
-    """Fill a temporary sibling of ``final`` with ``write(tmp) -> manifest fields``, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fields = write(tmp)
-        for path in _files(tmp):  # files written by other libraries (tokenizer, config) are synced here
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
-        manifest = {"format": FORMAT, **fields, "files": files}
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
-        if final.exists():  # same name written again (e.g. an export overwritten): swap it out
-            trash = final.parent / f".old-{final.name}-{os.getpid()}"
-            final.rename(trash)
-            tmp.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(final.parent)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"could not write '{final}' ({err.strerror or err}); "
-                                     "any previous checkpoint is left as it was") from err
-        raise
-    return final
-
-
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest of a complete directory; with ``verify``, every listed file is checked (size, sha256)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"'{directory}' is not a complete jaxbert checkpoint (no {MANIFEST})")
+    """The manifest of a complete checkpoint or model directory (see :func:`jaxbert.io.verify_manifest`)."""
     try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"'{path}' is corrupt (not a jaxbert manifest)") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}': format {manifest.get('format')!r}, this jaxbert reads format {FORMAT}")
-    if verify:
-        for name, info in files.items():
-            file = directory / name
-            if not file.is_file() or file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
-                raise CheckpointError(f"'{file}' is missing, truncated or corrupt (checksum mismatch)")
-    return manifest
+        return io.verify_manifest(directory, verify)
+    except io.ManifestError as err:
+        raise CheckpointError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------- model weights
 
 
-def model_tensors(model: BertForMLM) -> dict[str, np.ndarray]:
-    """The model's arrays by dotted name, as host numpy arrays."""
-    named = jax.tree_util.tree_flatten_with_path(model)[0]
-    return {".".join(k.name for k in path): np.asarray(leaf) for path, leaf in named}
-
-
 def model_from_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str = "weights") -> Any:
     """The pretraining model of ``cfg`` (a BertForMLM, or an ELECTRA generator + discriminator with
-    ``train.objective=electra``) filled from named arrays; any missing, extra or mis-shaped name is an error."""
+    ``train.objective=electra``) filled from named arrays (:func:`jaxbert.io.named_arrays`); any missing, extra
+    or mis-shaped name is a CheckpointError."""
     skeleton = eqx.filter_eval_shape(pretraining_model, cfg.model, cfg.train.objective, cfg.train.electra_generator,
                                      key=jax.random.PRNGKey(0))
-    named, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-    leaves, expected = [], set()
-    for path, leaf in named:
-        name = ".".join(k.name for k in path)
-        expected.add(name)
-        if name not in tensors:
-            raise CheckpointError(f"{source}: tensor '{name}' is missing")
-        value = tensors[name]
-        if tuple(value.shape) != tuple(leaf.shape):
-            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(value.shape)}, the config "
-                                  f"expects {tuple(leaf.shape)}")
-        leaves.append(jnp.asarray(value, dtype=leaf.dtype))
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensors {extra[:3]} (a different model?)")
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return io.from_named(skeleton, tensors, source, error=CheckpointError)
 
 
 def _save_tokenizer(tokenizer: Any, target: Path) -> None:
@@ -195,13 +97,16 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
         raise FileNotFoundError(f"tokenizer '{source}' does not exist")
 
 
-def _write_common(tmp: Path, cfg: Config, model: BertForMLM, tokenizer: Any, card: str) -> None:
+def write_model_files(tmp: Path, cfg: Config, model: BertForMLM, tokenizer: Any, card: str) -> dict[str, Any]:
+    """Write config, weights, tokenizer and card of a model into the (new, temporary) directory ``tmp``; returns
+    the manifest fields of a model directory."""
     if model.config != cfg.model:
         raise ValueError("the model's config differs from cfg.model (was model.vocab_size set from the tokenizer?)")
     config_lib.save(cfg, tmp, CONFIG_FILE)
-    _write_file(tmp / MODEL_FILE, st_save(model_tensors(model), metadata={"format": "jaxbert"}))
+    io.write_bytes(tmp / MODEL_FILE, st_save(io.named_arrays(model), metadata={"format": "jaxbert"}))
     _save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
-    _write_file(tmp / modelcard.CARD, card.encode("utf-8"))
+    io.write_bytes(tmp / modelcard.CARD, card.encode("utf-8"))
+    return {"kind": "model"}
 
 
 def save_model(directory: str | Path, cfg: Config, model: BertForMLM, tokenizer: Any,
@@ -213,15 +118,14 @@ def save_model(directory: str | Path, cfg: Config, model: BertForMLM, tokenizer:
     ``card``: the README.md text (default: a card rendered from ``cfg``).
     """
 
-    def write(tmp: Path) -> dict[str, Any]:
-        _write_common(tmp, cfg, model, tokenizer, card or modelcard.pretraining_card(cfg))
-        return {"kind": "model"}
-
-    return _atomic_dir(Path(directory), write)
+    return io.atomic_dir(Path(directory), lambda tmp: write_model_files(tmp, cfg, model, tokenizer,
+                                                                          card or modelcard.pretraining_card(cfg)))
 
 
 def _load_model_dir(directory: Path, verify: bool) -> tuple[Config, BertForMLM]:
-    read_manifest(directory, verify=verify)
+    kind = read_manifest(directory, verify=verify).get("kind")
+    if kind not in ("model", "checkpoint"):  # a finetuned model or an HF export: written by jaxbert, not an MLM dir
+        raise CheckpointError(f"'{directory}' is a {kind} directory, not a jaxbert pretrained model or checkpoint")
     cfg = config_lib.load_saved(directory / CONFIG_FILE)
     try:
         tensors = st_load((directory / MODEL_FILE).read_bytes())
@@ -252,6 +156,24 @@ def _without_model(state: Any) -> Any:
     return eqx.tree_at(lambda s: s.model, state, None)
 
 
+def pretraining_facts(directory: str | Path) -> dict[str, Any]:
+    """Step, tokens seen and held-out MLM metrics of a checkpoint (or run) dir; ``{}`` for anything else."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file() and (directory / CHECKPOINTS).is_dir():
+        directory = latest_checkpoint(directory) or directory
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        cfg = config_lib.load_saved(directory)
+    except (OSError, ValueError):
+        return {}
+    if manifest.get("kind") != "checkpoint":
+        return {}
+    step, position = int(manifest.get("step", 0)), int(manifest.get("data_position", 0))
+    in_run = directory.parent.name == CHECKPOINTS
+    mlm = modelcard.last_eval(directory.parent.parent / "metrics.jsonl", step) if in_run else None
+    return {"step": step, "tokens_seen": position * cfg.data.seq_len, "mlm": mlm, "source": str(directory)}
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Checkpoint directories of a run that have a manifest, oldest first (not verified)."""
     folder = Path(run_dir) / CHECKPOINTS
@@ -280,17 +202,17 @@ def save_checkpoint(run_dir: str | Path, cfg: Config, state: Any, progress: Prog
     def write(tmp: Path) -> dict[str, Any]:
         facts = {"step": progress.step, "tokens_seen": progress.data_position * cfg.data.seq_len,
                  "mlm": modelcard.last_eval(Path(run_dir) / "metrics.jsonl", progress.step)}
-        _write_common(tmp, cfg, state.model, tokenizer, modelcard.pretraining_card(cfg, facts))
-        buffer = io.BytesIO()
+        write_model_files(tmp, cfg, state.model, tokenizer, modelcard.pretraining_card(cfg, facts))
+        buffer = BytesIO()
         eqx.tree_serialise_leaves(buffer, _without_model(state))
-        _write_file(tmp / STATE_FILE, buffer.getvalue())
+        io.write_bytes(tmp / STATE_FILE, buffer.getvalue())
         return {"kind": "checkpoint", "step": progress.step, "data_position": progress.data_position,
                 "elapsed_seconds": progress.elapsed_seconds}
 
-    _atomic_dir(final, write)
+    io.atomic_dir(final, write, failed="any previous checkpoint is left as it was")
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in (Path(run_dir) / CHECKPOINTS).glob(".tmp-*"):  # left by a process that was killed mid-save
+    for stale in (Path(run_dir) / CHECKPOINTS).glob(".*tmp-*"):  # left by a process that was killed mid-save
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
     return final

@@ -14,13 +14,14 @@ frozen dataclasses: nothing mutates a config mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -85,7 +86,32 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class OptimizerFields:
+    """The optimizer section shared by pretraining (``train.*``) and finetuning (``finetune.*``): AdamW with
+    global-norm clipping and a linear warm-up. Both sections hold these fields under the same names (defaults
+    differ: finetuning uses BERT's beta2=0.999, clip_norm=1.0); :class:`jaxbert.optim.AdamWSettings` is built
+    from either by one function, and :meth:`problems` validates them."""
+
+    warmup_fraction: float = 0.1  # fraction of training spent warming up linearly to the peak learning rate
+    weight_decay: float = 0.01  # decoupled weight decay (weight matrices and embeddings only)
+    beta1: float = 0.9  # AdamW first-moment decay, in [0, 1)
+    beta2: float = 0.98  # AdamW second-moment decay, in [0, 1)
+    eps: float = 1e-6  # AdamW epsilon, positive
+    clip_norm: float = 0.5  # global gradient-norm clipping (0 disables)
+
+    def problems(self, section: str) -> list[tuple[str, str]]:
+        """(key, problem) for every invalid optimizer field of ``section`` ("train" or "finetune")."""
+        checks = [("warmup_fraction", 0.0 <= self.warmup_fraction <= 1.0, "must be in [0, 1]"),
+                  ("weight_decay", self.weight_decay >= 0, f"must not be negative, got {self.weight_decay}"),
+                  ("beta1", 0.0 <= self.beta1 < 1.0, f"must be in [0, 1), got {self.beta1}"),
+                  ("beta2", 0.0 <= self.beta2 < 1.0, f"must be in [0, 1), got {self.beta2}"),
+                  ("eps", self.eps > 0, f"must be positive, got {self.eps}"),
+                  ("clip_norm", self.clip_norm >= 0, f"must not be negative, got {self.clip_norm}")]
+        return [(f"{section}.{name}", message) for name, ok, message in checks if not ok]
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimizerFields):
     seed: int = 0
     steps: int = 1000  # optimizer steps (ignored for the schedule when budget_minutes is set)
     budget_minutes: Optional[float] = None  # time-budget mode: schedules run on elapsed time, stop at budget
@@ -93,14 +119,8 @@ class TrainConfig:
     batch_start: int = 64  # effective batch (sequences) at the start of the ramp
     batch_end: int = 256  # effective batch at the end of the ramp; multiples of micro_batch
     batch_ramp_fraction: float = 0.0  # fraction of training over which the batch grows linearly
-    peak_lr: float = 1e-3
-    warmup_fraction: float = 0.1  # one-cycle: fraction of training spent warming up to peak_lr
+    peak_lr: float = 1e-3  # one-cycle: up to peak_lr over warmup_fraction, then down to final_lr_fraction
     final_lr_fraction: float = 0.0  # lr at the end as a fraction of peak_lr
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    clip_norm: float = 0.5  # global gradient-norm clipping (0 disables)
     precision: str = "fp32"  # fp32 | bf16 | fp16 | fp8 (bf16 + FP8 encoder matmuls); parameters stay fp32
     # "mlm", or "electra": a generator (electra_generator x the width) fills the masked positions, the encoder
     # (the discriminator) predicts for every token whether it was replaced (jaxbert.model.electra)
@@ -119,17 +139,13 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(OptimizerFields):
     task: str = "mnli"
     glue_dir: str = "glue"  # directory in the official GLUE layout
     epochs: int = 3
-    lr: float = 5e-5
+    lr: float = 5e-5  # peak learning rate: warm-up over warmup_fraction, then linear decay to 0
     batch_size: int = 32
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    beta1: float = 0.9  # AdamW betas and epsilon of finetuning (BERT's recipe; pretraining has train.beta*)
-    beta2: float = 0.999
-    eps: float = 1e-6
+    beta2: float = 0.999  # BERT's finetuning recipe (the other optimizer fields: see OptimizerFields)
     dropout: float = 0.1
     max_len: int = 128
     seed: int = 0
@@ -171,14 +187,14 @@ class ImplConfig:
     log_every: int = 10  # steps between console/JSONL metric fetches
     # GLUE training batches are padded to a multiple of this length, capped at finetune.max_len: it sets the
     # number of compiled training steps (128 with max_len 128: one); evaluation batches always pad to max_len.
-    # On an H200 one fixed length beat two length classes on MNLI (47 vs 52 s, benchmarks/RESULTS.md)
+    # (why 128: benchmarks/RESULTS.md)
     pad_multiple: int = 128
     # JAX's persistent compilation cache: "auto" ($JAX_COMPILATION_CACHE_DIR if set, else <$XDG_CACHE_HOME or
     # ~/.cache>/jaxbert/xla), a directory, or "off". A second run, or parallel processes of `jaxbert glue`,
     # reuse compiled steps instead of compiling them
     compilation_cache: str = "auto"
-    # XLA flags put ahead of $XLA_FLAGS (which wins) by apply_xla_flags before JAX starts its backend; cuBLAS
-    # instead of Triton matmuls was faster and compiled faster on an H200 (benchmarks/RESULTS.md)
+    # XLA flags put ahead of $XLA_FLAGS (which wins) by apply_xla_flags before JAX starts its backend (the
+    # default prefers cuBLAS to Triton matmuls: benchmarks/RESULTS.md)
     xla_flags: str = "--xla_gpu_enable_triton_gemm=false"
 
 
@@ -199,6 +215,25 @@ def compilation_cache_dir(impl: ImplConfig) -> Optional[Path]:
             return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxbert" / "xla"
     return Path(value).expanduser()
+
+
+@contextlib.contextmanager
+def environment(set_: Optional[dict[str, str]] = None, defaults: Optional[dict[str, str]] = None) -> Iterator[None]:
+    """Set environment variables (``set_``; ``defaults`` only where unset) for the ``with`` block, then restore
+    every one of them to its previous value or absence."""
+    changes = {**(defaults or {}), **(set_ or {})}
+    saved = {k: os.environ.get(k) for k in changes}
+    for key, value in (defaults or {}).items():
+        os.environ.setdefault(key, value)
+    os.environ.update(set_ or {})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def apply_runtime(impl: ImplConfig) -> Optional[Path]:
@@ -285,7 +320,9 @@ def validate(cfg: Config) -> Config:
         _check(value > 0 and value % t.micro_batch == 0, f"train.{name}",
                f"{value} is not a positive multiple of train.micro_batch={t.micro_batch}")
     _check(t.batch_start <= t.batch_end, "train.batch_start", "must not exceed train.batch_end")
-    for name in ("batch_ramp_fraction", "warmup_fraction", "final_lr_fraction"):
+    for key, problem in t.problems("train") + f.problems("finetune"):
+        _check(False, key, problem)
+    for name in ("batch_ramp_fraction", "final_lr_fraction"):
         _check(0.0 <= getattr(t, name) <= 1.0, f"train.{name}", "must be in [0, 1]")
     _check(t.peak_lr > 0, "train.peak_lr", "must be positive")
     _check(t.objective in ("mlm", "electra"), "train.objective", f"expected mlm|electra, got {t.objective!r}")
@@ -300,11 +337,7 @@ def validate(cfg: Config) -> Config:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         _check(getattr(f, name) > 0, f"finetune.{name}", f"must be positive, got {getattr(f, name)}")
     _check(f.lr > 0, "finetune.lr", "must be positive")
-    _check(0.0 <= f.warmup_fraction <= 1.0, "finetune.warmup_fraction", "must be in [0, 1]")
     _check(i.pad_multiple > 0, "impl.pad_multiple", "must be positive")
-    _check(0.0 <= f.beta1 < 1.0, "finetune.beta1", f"must be in [0, 1), got {f.beta1}")
-    _check(0.0 <= f.beta2 < 1.0, "finetune.beta2", f"must be in [0, 1), got {f.beta2}")
-    _check(f.eps > 0, "finetune.eps", f"must be positive, got {f.eps}")
     _check(i.attention in ("auto", "xla", "cudnn"), "impl.attention", f"expected auto|xla|cudnn, got {i.attention!r}")
     _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
     _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")
@@ -395,7 +428,7 @@ def save(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config next to a run's outputs (atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    from .fileio import write_atomic
+    from .io import write_atomic
 
     return write_atomic(directory / name, to_yaml(cfg))
 

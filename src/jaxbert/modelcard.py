@@ -9,8 +9,6 @@ Cards are rendered from plain values by pure functions; :func:`write_card` write
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ import yaml
 
 from . import config as config_lib
 from .config import Config
+from .io import write_atomic
 
 CARD = "README.md"
 _MLM_KEYS = (("loss", "held-out MLM loss"), ("accuracy", "MLM accuracy (all targets)"),
@@ -47,25 +46,6 @@ def last_eval(metrics_file: Path, step: int) -> Optional[dict[str, float]]:
         return None
     evals = [r for r in read_jsonl(metrics_file) if r.get("split") == "eval" and r.get("step", 0) <= step]
     return evals[-1] if evals else None
-
-
-def pretraining_facts(directory: str | Path) -> dict[str, Any]:
-    """Step, tokens seen and held-out MLM metrics of a checkpoint (or run) dir; ``{}`` for anything else."""
-    from .checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint
-
-    directory = Path(directory)
-    if not (directory / MANIFEST).is_file() and (directory / CHECKPOINTS).is_dir():
-        directory = latest_checkpoint(directory) or directory
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        cfg = config_lib.load_saved(directory)
-    except (OSError, ValueError):
-        return {}
-    if manifest.get("kind") != "checkpoint":
-        return {}
-    step, position = int(manifest.get("step", 0)), int(manifest.get("data_position", 0))
-    mlm = last_eval(directory.parent.parent / "metrics.jsonl", step) if directory.parent.name == CHECKPOINTS else None
-    return {"step": step, "tokens_seen": position * cfg.data.seq_len, "mlm": mlm, "source": str(directory)}
 
 
 # ------------------------------------------------------------------------------------------------ render
@@ -136,9 +116,11 @@ def _glue_results(task: str, dev: dict[str, dict[str, float]], hf_config: str) -
             for split, metrics in dev.items()]
 
 
-def finetuned_card(cfg: Config, meta: dict[str, Any], num_labels: int, command: Optional[str] = None) -> str:
+def finetuned_card(cfg: Config, meta: dict[str, Any], num_labels: int, command: Optional[str] = None,
+                   init_facts: Optional[dict[str, Any]] = None) -> str:
     """The card of a finetuned classifier: task and labels, its data, dev results, the pretraining it started
-    from (tokens seen and MLM accuracy, when ``meta['init']`` is a jaxbert checkpoint), config, command."""
+    from (tokens seen and MLM accuracy from ``init_facts``, see :func:`jaxbert.checkpoint.pretraining_facts`), config,
+    command."""
     from .data.glue import TASKS
 
     task = str(meta.get("task") or "unknown")
@@ -157,7 +139,7 @@ def finetuned_card(cfg: Config, meta: dict[str, Any], num_labels: int, command: 
              f"# jaxbert BERT finetuned on {task}", "", _architecture(cfg), "",
              f"Outputs: {', '.join(map(str, labels)) if labels else 'a regression score'} ({num_labels} "
              f"output{'s' if num_labels > 1 else ''}).", "", "## Data", "", *data, "", "## Pretraining", "",
-             f"- Started from: `{init}`", *(_pretraining_lines(pretraining_facts(init)) if init != "random" else []),
+             f"- Started from: `{init}`", *(_pretraining_lines(init_facts or {}) if init != "random" else []),
              "", "## GLUE dev", ""]
     lines += (["| task | split | metric | value |", "|---|---|---|---|", *rows] if rows else ["No dev results."])
     epoch = meta.get("epoch")
@@ -173,29 +155,6 @@ def exported_card(source_card: Optional[str], fallback: str, command: Optional[s
     return text.rstrip("\n") + f"\n\n## Export\n\n```bash\n{command or current_command()}\n```\n"
 
 
-def card_for(path: str | Path, command: Optional[str] = None) -> str:
-    """The card to export a jaxbert directory with (its own card when it has one, else one rendered from it)."""
-    from .checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint
-    from .hf_export import finetuned_dir
-
-    path = Path(path)
-    finetuned = finetuned_dir(path)
-    if finetuned is not None:
-        meta = json.loads((finetuned / "finetuned.json").read_text())
-        cfg = config_lib.load_saved(finetuned)
-        fallback, own = finetuned_card(cfg, meta, int(meta.get("num_labels", 1)), "unknown"), finetuned / CARD
-    else:
-        if not (path / MANIFEST).is_file() and (path / CHECKPOINTS).is_dir():
-            path = latest_checkpoint(path) or path
-        fallback = pretraining_card(config_lib.load_saved(path), pretraining_facts(path), "unknown")
-        own = path / CARD
-    return exported_card(own.read_text(encoding="utf-8") if own.is_file() else None, fallback, command)
-
-
 def write_card(directory: str | Path, text: str) -> Path:
-    """``directory/README.md``, written through a temporary file."""
-    target = Path(directory) / CARD
-    tmp = target.with_name(f".{CARD}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    """``directory/README.md``, written atomically."""
+    return write_atomic(Path(directory) / CARD, text)

@@ -3,7 +3,8 @@
 * AdamW (optax) with weight decay on weight matrices and embedding tables only: biases and LayerNorm parameters
   are never decayed, nor the modules named in ``AdamWSettings.no_decay`` (pretraining: the pooler, which the MLM
   loss does not train, so decay would only shrink it). Global-norm clipping comes first. Pretraining and
-  finetuning build their optimizer here, from :class:`AdamWSettings`. The learning rate is an input of every step (``optax.inject_hyperparams``), set by
+  finetuning build their optimizer here, from :class:`AdamWSettings` (:meth:`AdamWSettings.of` a config's optimizer
+  section). The learning rate is an input of every step (``optax.inject_hyperparams``), set by
   :func:`set_learning_rate`, so the schedule can run on steps or on elapsed time without recompiling.
 * The one-cycle schedule and the batch-size ramp are functions of *progress* in [0, 1]: ``step / steps``, or
   ``elapsed / budget`` in time-budget mode (as Cramming does).
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from .config import FinetuneConfig, TrainConfig
+from .config import OptimizerFields, TrainConfig
 from .model.layers import LayerNorm
 
 Schedule = Callable[[Any], Any]
@@ -51,14 +52,12 @@ class AdamWSettings:
     no_decay: tuple[str, ...] = ("pooler",)  # modules exempt from weight decay (besides biases and LayerNorms)
 
     @classmethod
-    def from_config(cls, train: TrainConfig) -> "AdamWSettings":
-        """Pretraining: the pooler is not decayed (the MLM loss does not train it)."""
-        return cls(train.beta1, train.beta2, train.eps, train.weight_decay, train.clip_norm, ("pooler",))
-
-    @classmethod
-    def for_finetuning(cls, finetune: FinetuneConfig) -> "AdamWSettings":
-        """Finetuning: the pooler feeds the classifier and is decayed like every other weight (BERT's recipe)."""
-        return cls(finetune.beta1, finetune.beta2, finetune.eps, finetune.weight_decay, finetune.clip_norm, ())
+    def of(cls, section: OptimizerFields) -> "AdamWSettings":
+        """The settings of a config's optimizer section: ``cfg.train`` (pretraining: the pooler is not decayed,
+        the MLM loss does not train it) or ``cfg.finetune`` (the pooler feeds the classifier and is decayed like
+        every other weight, BERT's recipe)."""
+        no_decay = ("pooler",) if isinstance(section, TrainConfig) else ()
+        return cls(section.beta1, section.beta2, section.eps, section.weight_decay, section.clip_norm, no_decay)
 
 
 def make_optimizer(settings: AdamWSettings, params: Any) -> optax.GradientTransformation:
@@ -116,7 +115,3 @@ def micro_batches_at(train: TrainConfig, progress: float) -> int:
         return last
     fraction = min(progress / train.batch_ramp_fraction, 1.0)
     return first + int((last - first) * fraction + 1e-9)
-
-
-def batch_size_at(train: TrainConfig, progress: float) -> int:
-    return micro_batches_at(train, progress) * train.micro_batch

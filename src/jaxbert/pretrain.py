@@ -65,22 +65,22 @@ def root_keys(cfg: Config) -> tuple[jax.Array, jax.Array]:
     return k_state, k_eval
 
 
-def load_data(cfg: Config, tokenizer: Any = None, log: Callable[[str], None] = print) -> PreparedData:
+def load_data(cfg: Config, tokenizer: Any = None, echo: Callable[[str], None] = print) -> PreparedData:
     """The prepared dataset: ``data.source`` may name a prepared directory; otherwise prepare (or reuse) one."""
     source = Path(cfg.data.source)
     if (source / "meta.json").is_file():
         if tokenizer is None and cfg.tokenizer.path is not None:
             tokenizer = load_tokenizer(cfg.tokenizer.path, lowercase=cfg.tokenizer.lowercase)
-        data = open_dataset(source, tokenizer, log=log)
+        data = open_dataset(source, tokenizer, echo=echo)
     else:
-        data = open_dataset(prepare(cfg, tokenizer), tokenizer, log=log)
+        data = open_dataset(prepare(cfg, tokenizer), tokenizer, echo=echo)
     problem = split_problem(cfg, data.meta["splits"])
     if problem is not None:
         raise ValueError(f"{problem} ({data.path})")
     return data
 
 
-def eval_batches(cfg: Config, data: PreparedData) -> list[np.ndarray]:
+def held_out_batches(cfg: Config, data: PreparedData) -> list[np.ndarray]:
     """The fixed held-out micro-batches: the first ``eval_batches`` micro-batches of the validation stream
     (fewer when it is short), so every evaluation of a run sees the same sequences."""
     mb, seq = cfg.train.micro_batch, cfg.data.seq_len
@@ -174,7 +174,7 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
                              start_elapsed=progress.elapsed_seconds, console=console) if main else Trackers([])
     result = PretrainResult(run_dir, cfg, state, progress, "done", None)
     failed: list[tuple[int, OSError]] = []  # the last checkpoint attempt, when it could not be written
-    held_out, eval_key = distributed.distribute(eval_batches(cfg, data), mesh), root_keys(cfg)[1]
+    held_out, eval_key = distributed.distribute(held_out_batches(cfg, data), mesh), root_keys(cfg)[1]
 
     def run_eval(s: TrainState, p: Progress) -> None:
         metrics = evaluate(s.model, held_out, spec, eval_key)
@@ -239,17 +239,6 @@ def summary(result: PretrainResult) -> str:
     if result.cfg.tracking.plots:
         lines.append(f"plots: {result.run_dir / 'plots'}")
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxbert pretrain", description="MLM pretraining of a BERT encoder.")
-    config_lib.add_config_arguments(parser, default_preset="base")
-    parser.set_defaults(config=None)  # None: the preset default, or the resumed run's own config
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the newest valid checkpoint of --run-dir (or of the newest run in out_dir)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: out_dir/<run name>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 # keys that say what a run is trained on and what it trains: a resumed run keeps them
@@ -320,18 +309,3 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[Path]]:
                                           _override_value(args.overrides, "train.run_name", defaults.run_name))
         return resume_config(Path(run_dir), args.overrides, args.config), run_dir
     return config_lib.load(args.config or "base", args.overrides), run_dir
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = config_lib.parse_args(build_parser(), argv)
-    cfg, run_dir = resolve_config(args)
-    config_lib.apply_runtime(cfg.impl)  # XLA flags, compilation cache: before anything starts the JAX backend
-    result = pretrain(cfg, run_dir=run_dir, resume=args.resume, console=not args.quiet)
-    if not distributed.is_main_process():
-        return 0 if result.reason == "done" else 128 + (result.signal or signal.SIGINT)
-    print(summary(result))
-    if result.reason == "stopped":
-        print(f"stopped at step {result.progress.step}; continue with: jaxbert pretrain --resume "
-              f"--run-dir {result.run_dir}", file=sys.stderr)
-        return 128 + (result.signal or signal.SIGINT)
-    return 0

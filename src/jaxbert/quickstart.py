@@ -21,7 +21,7 @@ import numpy as np
 from . import config as config_lib
 from .config import Config
 from .model import BertForMLM
-from .pretrain import PretrainResult, eval_batches, load_data, pretrain, root_keys, summary
+from .pretrain import PretrainResult, held_out_batches, load_data, pretrain, root_keys, summary
 from .tokenizer import Tokenizer
 from .train import StepSpec, make_spec, mask_rows
 
@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"2/3 pretraining a {cfg.model.layers}-layer, {cfg.model.hidden}-wide BERT for {budget}")
     result = pretrain(cfg, console=not args.quiet, data=data)
     spec = make_spec(result.cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask)
-    held_out = eval_batches(result.cfg, data)
+    held_out = held_out_batches(result.cfg, data)
     baseline = majority_baseline(held_out, spec, root_keys(result.cfg)[1])
     print("3/3 fill-mask on held-out text:")
     print("\n".join(fill_mask_examples(result.state.model, data.tokenizer, np.concatenate(held_out)[::7])))

@@ -12,14 +12,9 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
-import json
 import math
-import os
-import shutil
-import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +24,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .config import TokenizerConfig
-from .fileio import write_atomic
+from .io import atomic_dir, write_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB_MULTIPLE = 64  # embedding rows are kept a multiple of this (fast matmuls on accelerators)
@@ -150,8 +145,8 @@ class Tokenizer:
         """Write ``tokenizer.json`` and ``vocab.txt`` (each atomically) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "tokenizer.json", self._inner.to_str(pretty=True))
-        _write_atomic(directory / "vocab.txt", "".join(t + "\n" for t in self.vocab()))
+        write_atomic(directory / "tokenizer.json", self._inner.to_str(pretty=True))
+        write_atomic(directory / "vocab.txt", "".join(t + "\n" for t in self.vocab()))
         return directory
 
 
@@ -169,10 +164,6 @@ def _truncate_longest_first(a: list[int], b: Optional[list[int]], budget: int) -
         n_short, n_long = budget // 2, budget // 2 + budget % 2
     keep_a, keep_b = (n_long, n_short) if len(a) > len(b) else (n_short, n_long)
     return a[:keep_a], b[:keep_b]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_atomic(path, text)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -423,59 +414,4 @@ def save_new(tok: Tokenizer, out: Path) -> Path:
     """Save into a temporary sibling of ``out`` and rename it into place (``out`` new or empty): a failure
     leaves neither a partial directory nor temporary files."""
     check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tok.save(tmp)
-        os.rename(tmp, out)  # replaces an empty directory; fails on one that was filled meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _train_command(args: argparse.Namespace) -> int:
-    from . import config as config_module
-    from .data.corpus import iter_documents
-
-    cfg = config_module.from_args(args)
-    out = Path(args.out)
-    check_out_dir(out)  # before the training, not after
-    iter_documents(cfg.data)  # a missing source fails here
-    print(f"training a WordPiece tokenizer (vocab {round_vocab_size(cfg.tokenizer.vocab_size)}) "
-          f"on {cfg.data.source}")
-    tok = train_tokenizer(lambda: iter_documents(cfg.data, workers=cfg.impl.workers or None), cfg.tokenizer,
-                          progress=not args.quiet)
-    save_new(tok, out)
-    print(f"saved {tok.vocab_size} tokens (vocab hash {tok.vocab_hash()}) to {out}/tokenizer.json and vocab.txt")
-    return 0
-
-
-def _encode_command(args: argparse.Namespace) -> int:
-    tok = load_tokenizer(args.tokenizer, lowercase=not args.cased)
-    ids = tok.encode(args.text)
-    print(json.dumps({"ids": ids, "tokens": [tok.id_to_token(i) for i in ids], "decoded": tok.decode(ids)},
-                     ensure_ascii=False))
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import add_config_arguments, parse_args
-
-    parser = argparse.ArgumentParser(prog="jaxbert tokenizer", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    train = sub.add_parser("train", help="train a WordPiece tokenizer on the configured corpus (data.source)")
-    add_config_arguments(train, default_preset="base")
-    train.add_argument("--out", required=True, help="directory to write tokenizer.json and vocab.txt into")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    encode = sub.add_parser("encode", help="show the tokens of a text")
-    encode.add_argument("tokenizer", help="tokenizer.json, vocab.txt or a directory holding one")
-    encode.add_argument("text")
-    encode.add_argument("--cased", action="store_true", help="no lowercasing (only for a bare vocab.txt)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in sub.choices:  # options and key=value overrides in any order
-        args = parse_args(sub.choices[argv[0]], argv[1:])
-        args.action = argv[0]
-    else:
-        args = parser.parse_args(argv)
-    return _train_command(args) if args.action == "train" else _encode_command(args)
+    return atomic_dir(out, tok.save, manifest=False, exists="refuse")

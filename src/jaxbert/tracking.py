@@ -18,6 +18,7 @@ from typing import Any, Protocol, Sequence
 
 from . import config as config_lib
 from .config import Config
+from .io import atomic_file
 
 
 class Tracker(Protocol):
@@ -135,9 +136,8 @@ class PlotTracker:
             if axes.lines:
                 axes.legend()
             target = self.directory / f"{name}.png"
-            tmp = target.with_name(f".{target.name}.tmp")
-            figure.savefig(tmp, format="png", dpi=100)
-            tmp.replace(target)
+            with atomic_file(target) as tmp:
+                figure.savefig(tmp, format="png", dpi=100)
             written.append(target)
         return written
 

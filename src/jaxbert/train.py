@@ -63,7 +63,7 @@ def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any =
     """The step settings of a run: precision, masking (ids from the tokenizer), attention implementation."""
     return StepSpec(Policy.from_name(cfg.train.precision), tuple(int(i) for i in special_ids), int(mask_id),
                     cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
-                    AdamWSettings.from_config(cfg.train), cfg.impl.attention, cfg.impl.remat, mesh,
+                    AdamWSettings.of(cfg.train), cfg.impl.attention, cfg.impl.remat, mesh,
                     objective=cfg.train.objective, electra_weight=cfg.train.electra_weight)
 
 
@@ -91,7 +91,7 @@ def init_state(cfg: Config, *, key: jax.Array) -> TrainState:
     policy = Policy.from_name(cfg.train.precision)
     scale = LossScale.create(cfg.train.loss_scale_init, cfg.train.loss_scale_period, policy.needs_loss_scaling)
     model = pretraining_model(cfg.model, cfg.train.objective, cfg.train.electra_generator, key=k_init)
-    return new_state(model, AdamWSettings.from_config(cfg.train), scale, k_train)
+    return new_state(model, AdamWSettings.of(cfg.train), scale, k_train)
 
 
 class Accumulator(eqx.Module):
@@ -103,7 +103,7 @@ class Accumulator(eqx.Module):
 
 # The hot steps use jax.jit, not eqx.filter_jit: filter_jit blocks the host until every call has finished
 # (to surface eqx.error_if messages), so Python could never run ahead of the GPU and each call's dispatch left
-# the device idle (~9 ms of a 59 ms BERT-base step on an H200; benchmarks/RESULTS.md). All their array
+# the device idle (measured in benchmarks/RESULTS.md). All their array
 # arguments are pytrees of arrays; the step settings are static.
 @functools.partial(jax.jit, static_argnames="mesh")  # one dispatch instead of ~180 eager zeros
 def zero_accumulator(model: BertForMLM, mesh: Any = None) -> Accumulator:

@@ -32,14 +32,11 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator, Optional
 
 from ..config import DataConfig
+from . import CorpusError
 
 TABLE_FORMATS = ("jsonl", "json", "csv", "parquet")
 _WIKIEXTRACTOR_NAME = re.compile(r"^wiki_\d+(\.bz2)?$")
 _DOC_START = re.compile(r'^<doc\s[^>]*?title="([^"]*)"[^>]*>\s*$')
-
-
-class CorpusError(ValueError):
-    """The corpus cannot be read: wrong format, corrupt file, empty after filtering, unreachable hub."""
 
 
 # ------------------------------------------------------------------------------------------- file helpers

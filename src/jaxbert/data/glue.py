@@ -52,7 +52,7 @@ class Task:
     text_b: tuple[str, ...]  # candidate columns of the second text; () for single-sentence tasks
     label: tuple[str, ...]  # candidate label columns
     labels: tuple[str, ...]  # label strings in GLUE's order (class id = position); () for regression
-    metrics: tuple[str, ...]  # metric names of jaxbert.metrics; the task score is their mean
+    metrics: tuple[str, ...]  # metric names of jaxbert.finetune.metrics; the task score is their mean
     splits: dict[str, tuple[Source, ...]] = field(hash=False)  # split -> candidate files, first found wins
     dev_splits: tuple[str, ...] = ("dev",)
     test_splits: dict[str, str] = field(default_factory=lambda: {"test": ""}, hash=False)  # split -> zip name

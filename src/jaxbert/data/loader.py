@@ -89,11 +89,6 @@ def sample_indices(seed: int, start: int, count: int, n_chunks: int) -> np.ndarr
     return out
 
 
-def batch_indices(seed: int, step: int, batch_size: int, n_chunks: int) -> np.ndarray:
-    """Chunk indices of optimizer step ``step`` when every step has ``batch_size`` samples."""
-    return sample_indices(seed, step * batch_size, batch_size, n_chunks)
-
-
 def process_slice(count: int, process_index: int, process_count: int) -> tuple[int, int]:
     """(offset, length) of this process's contiguous share of ``count`` global rows."""
     if not 0 <= process_index < process_count:

@@ -21,26 +21,23 @@ deterministic fraction ``data.val_fraction``, independent of batch sizes and wor
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from .. import config as config_lib
 from ..config import Config
-from .. import fileio
-from ..fileio import write_atomic, write_failed
+from .. import io
+from ..io import write_failed
 from ..tokenizer import Tokenizer, load_tokenizer, text_pieces, train_tokenizer
 from .corpus import iter_documents
 from .loader import Prefetcher, TokenStream
@@ -109,14 +106,8 @@ def resolve_tokenizer(cfg: Config, progress: bool = True) -> Tokenizer:
     tokenizer = train_tokenizer(lambda: iter_documents(cfg.data, workers=cfg.impl.workers or None), cfg.tokenizer,
                                 progress=progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(folder.parent)
-    tmp = folder.with_name(f"{folder.name}{_tmp_suffix()}")
-    try:
-        tokenizer.save(tmp)
-        _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    io.remove_stale(folder.parent)
+    io.atomic_dir(folder, tokenizer.save, manifest=False, exists="keep")
     print(f"saved the tokenizer ({tokenizer.vocab_size} tokens) to {folder}")
     return load_tokenizer(folder)
 
@@ -138,23 +129,19 @@ def prepare(cfg: Config, tokenizer: Optional[Tokenizer] = None, progress: bool =
         print(f"reusing prepared data: {final}")
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(final.parent)
-    tmp = final.with_name(f"{final.name}{_tmp_suffix()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        started = time.time()
-        stats = write_streams(cfg, tokenizer, tmp, progress)
+    io.remove_stale(final.parent)
+    started, stats, meta = time.time(), {}, {}
+
+    def write(tmp: Path) -> None:
+        stats.update(write_streams(cfg, tokenizer, tmp, progress))
         problem = split_problem(cfg, stats)
         if problem is not None:  # still prepared (other seq_len settings may suffice), but pretraining will refuse
             print(f"warning: {problem}", file=sys.stderr)
         tokenizer.save(tmp)
-        meta = _meta(cfg, tokenizer, stats, time.time() - started)
-        write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))  # last: marks the directory complete
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        meta.update(_meta(cfg, tokenizer, stats, time.time() - started))
+        io.write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))  # last: marks the directory complete
+
+    io.atomic_dir(final, write, manifest=False, exists="keep")  # a concurrent run finishing first wins
     counts = ", ".join(f"{s} {stats[s]['tokens']:,} tokens / {stats[s]['documents']:,} docs" for s in SPLITS)
     print(f"prepared {final}: {counts} ({meta['seconds']:.1f} s)")
     return final
@@ -177,39 +164,6 @@ def split_problem(cfg: Config, stats: dict[str, dict[str, Any]]) -> Optional[str
     return None
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():  # not a concurrent run finishing first: a real failure
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _tmp_suffix(pid: Optional[int] = None) -> str:
-    """``.tmp-<host>-<pid>``: names a directory being written (the host keeps shared filesystems apart)."""
-    return f".tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}"
-
-
-def _remove_stale(cache: Path) -> None:
-    """Remove temporary directories left in ``cache`` by runs on this host whose process is gone."""
-    marker = _tmp_suffix(0)[:-1]  # ".tmp-<host>-"
-    for stale in cache.glob(f"*{marker}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def batch_documents(documents: Iterable[str], size: int, max_chars: int = 2_000_000) -> Iterator[list[str]]:
     """Batches of ``size`` documents, cut early at ``max_chars`` characters so memory stays bounded whatever
     the document lengths (a batch's encodings take ~100 bytes per token)."""
@@ -225,22 +179,11 @@ def batch_documents(documents: Iterable[str], size: int, max_chars: int = 2_000_
         yield batch
 
 
-@contextlib.contextmanager
-def _threads(workers: int) -> Iterator[None]:
+def _threads(workers: int) -> contextlib.AbstractContextManager:
     """Limit the tokenizer's threads: 1 disables its parallelism; n > 1 sizes its pool when not yet started."""
-    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
     if workers == 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    elif workers > 1:
-        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        return config_lib.environment({"TOKENIZERS_PARALLELISM": "false"})
+    return config_lib.environment(defaults={"RAYON_NUM_THREADS": str(workers)} if workers > 1 else {})
 
 
 class _Writer:
@@ -249,7 +192,7 @@ class _Writer:
     def __init__(self, path: Path, dtype: np.dtype, sep: int):
         self.path = path
         try:
-            self.handle = fileio.open_write(path)
+            self.handle = io.open_write(path)
         except OSError as err:
             raise write_failed(path, err) from None
         self.dtype, self.sep = dtype, sep
@@ -404,7 +347,7 @@ def check_compatible(meta: dict[str, Any], tokenizer: Tokenizer, where: str = "p
 
 
 def open_dataset(path: str | Path, tokenizer: Optional[Tokenizer] = None,
-                 log: Optional[Callable[[str], None]] = print) -> PreparedData:
+                 echo: Optional[Callable[[str], None]] = print) -> PreparedData:
     """Open a prepared directory: meta, read-only memmaps of both splits and its tokenizer (or ``tokenizer``,
     checked for compatibility). Logs one decoded sample."""
     path = Path(path)
@@ -422,28 +365,8 @@ def open_dataset(path: str | Path, tokenizer: Optional[Tokenizer] = None,
         if len(stream) != meta["splits"][split]["tokens"]:
             raise ValueError(f"{stream.path}: {len(stream)} tokens, meta.json says {meta['splits'][split]['tokens']}")
     data = PreparedData(path, meta, streams["train"], streams["validation"], tokenizer)
-    if log is not None:
+    if echo is not None:
         sample = np.asarray(data.train.tokens[:64])
-        log(f"data {path}: train {len(data.train):,} tokens, validation {len(data.validation):,} tokens; "
+        echo(f"data {path}: train {len(data.train):,} tokens, validation {len(data.validation):,} tokens; "
             f"sample: {tokenizer.decode(sample, skip_special_tokens=False)!r}")
     return data
-
-
-def load_prepared(cfg: Config, progress: bool = True, log: Optional[Callable[[str], None]] = print) -> PreparedData:
-    """``open_dataset(prepare(cfg))``: prepare once (or reuse), then open."""
-    return open_dataset(prepare(cfg, progress=progress), log=log)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..config import add_config_arguments, from_args, parse_args
-
-    parser = argparse.ArgumentParser(prog="jaxbert prepare", description="Tokenize a corpus into a memmap token "
-                                     "stream (train.bin, validation.bin, meta.json) under data.cache_dir.")
-    add_config_arguments(parser, default_preset="base")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parse_args(parser, argv)
-    cfg = from_args(args)
-    path = prepare(cfg, progress=not args.quiet)
-    open_dataset(path)
-    print(path)
-    return 0

@@ -73,6 +73,24 @@ def _sample(enc: Encoded, tokenizer: PairTokenizer) -> Optional[str]:
     return decode(enc.ids[enc.offsets[0]:enc.offsets[1]].tolist(), skip_special_tokens=False)
 
 
+def dev_splits(cfg: Config, task: Task, tokenizer: PairTokenizer,
+               echo: Callable[[str], None] = print) -> dict[str, Encoded]:
+    """The task's dev splits, encoded: ``finetune.dev_file`` replaces the first one, ``finetune.max_eval_examples``
+    keeps the first N rows; a split that is not found is reported and skipped (the result may be empty)."""
+    f = cfg.finetune
+    dev: dict[str, Encoded] = {}
+    for position, split in enumerate(task.dev_splits):
+        file = f.dev_file if position == 0 else None
+        if file is None and not has_split(task, split, f.glue_dir):
+            echo(f"{task.name}: {missing_reason(task, split, f.glue_dir)}; not evaluated")
+            continue
+        data = _read(cfg, task, split, file)
+        data = data.take(np.arange(min(len(data), f.max_eval_examples or len(data))))
+        dev[split] = encode_split(data, tokenizer, f.max_len)
+        echo(f"{task.name} {_describe(data, dev[split], tokenizer)}")
+    return dev
+
+
 def load_task_data(cfg: Config, task: Task, tokenizer: PairTokenizer, *, need_train: bool = True,
                    echo: Callable[[str], None] = print) -> TaskData:
     """Read and encode the train, dev and test splits of ``task``.
@@ -90,16 +108,7 @@ def load_task_data(cfg: Config, task: Task, tokenizer: PairTokenizer, *, need_tr
         sample = _sample(train, tokenizer)
         if sample is not None:
             echo(f"{task.name} first train example: {sample[:300]}")
-    dev: dict[str, Encoded] = {}
-    for position, split in enumerate(task.dev_splits):
-        file = f.dev_file if position == 0 else None
-        if file is None and not has_split(task, split, f.glue_dir):
-            echo(f"{task.name}: {missing_reason(task, split, f.glue_dir)}; not evaluated")
-            continue
-        data = _read(cfg, task, split, file)
-        data = data.take(np.arange(min(len(data), f.max_eval_examples or len(data))))
-        dev[split] = encode(data)
-        echo(f"{task.name} {_describe(data, dev[split], tokenizer)}")
+    dev = dev_splits(cfg, task, tokenizer, echo)
     if need_train and not dev:
         raise FileNotFoundError(f"task {task.name}: no dev split found in {f.glue_dir} (pass finetune.dev_file=)")
     test: dict[str, tuple[list[str], Encoded]] = {}

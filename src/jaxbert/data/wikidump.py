@@ -23,6 +23,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
+from . import CorpusError
+
 _DROP_SECTIONS = {"references", "external links", "see also", "notes", "further reading", "bibliography",
                   "sources", "citations", "footnotes", "notes and references", "works cited"}
 _DROP_ELEMENTS = re.compile(
@@ -171,7 +173,6 @@ def _clean_in_pool(pages: Iterator[str], workers: int) -> Iterator[str]:
 
 def read_dump(path: Path, workers: Optional[int] = None) -> Iterator[str]:
     """Plain-text articles of a dump file, in dump order; ``workers`` processes clean the wikitext (1: inline)."""
-    from .corpus import CorpusError
 
     workers = max(1, workers or os.cpu_count() or 1)
     try:

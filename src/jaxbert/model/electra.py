@@ -55,11 +55,10 @@ class ElectraForPretraining(eqx.Module):
     def config(self) -> ModelConfig:
         return self.discriminator.config
 
-    def discriminate(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Array] = None,
-                     mask: Optional[Array] = None, *, key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(),
-                     attention: str = "auto") -> Float[Array, "b s"]:
-        """float32 logits of "this token was replaced", at every position."""
-        hidden = self.discriminator(input_ids, segment_ids, mask, key=key, policy=policy, attention=attention)
+    def discriminate(self, input_ids: Int[Array, "b s"], *, key: Optional[PRNGKeyArray] = None,
+                     policy: Policy = Policy(), attention: str = "auto") -> Float[Array, "b s"]:
+        """float32 logits of "this token was replaced", at every position of unpadded single-segment rows."""
+        hidden = self.discriminator(input_ids, key=key, policy=policy, attention=attention)
         h = activation(self.rtd_dense(hidden), self.config.activation)
         return self.rtd_out(h)[..., 0].astype(jnp.float32)
 

@@ -5,10 +5,8 @@ and, in the backward pass, the incoming gradient rounded to float8 e5m2 (more ra
 recipe). Each operand is scaled by ``fp8_max / amax(|operand|)`` before rounding, with the amax of the tensor
 itself ("current scaling"): no state, no history, the same function of the inputs on every step.
 
-On an H200 this trains to the bf16 loss but is ~2% slower for BERT-base at seq 128: the FP8 GEMMs save ~8 ms per
-step, the amax and cast/transpose passes cost ~11 ms; at the BERT-large shape it is 5.8% faster
-(benchmarks/RESULTS.md, "FP8 matmuls"). Delayed scaling
-(scales from earlier steps' amax, carried in the train state) would let the cast fuse into the producers.
+Contract: the result has ``x``'s dtype and equals ``x @ w`` up to the float8 rounding of the operands; it is a
+pure function of its inputs. Speed and quality measurements: benchmarks/RESULTS.md, "FP8 matmuls".
 
 The quantise-dequantise pattern ``convert(f8 -> bf16) * scale`` feeding a dot is what XLA's GPU compiler
 rewrites into a cuBLASLt FP8 GEMM with the scales applied in the epilogue; on CPU it computes the same rounded

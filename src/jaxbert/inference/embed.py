@@ -13,8 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data.glue import SplitData
-from .data.pairs import eval_batches, encode_split
-from .model import BertModel
-from .precision import Policy
+from ..data.glue import SplitData
+from ..data.pairs import eval_batches, encode_split
+from ..io import atomic_file
+from ..model import BertModel
+from ..precision import Policy
 
 POOLINGS = ("mean", "cls")
 
@@ -75,7 +74,7 @@ def embed(bert: BertModel, tokenizer: Any, texts: Sequence[str], *, pooling: str
 
 def read_texts(path: str | Path, column: Optional[str] = None) -> list[str]:
     """Texts from a .txt file (one per non-empty line) or a table file's ``column`` (default ``text``)."""
-    from .data.glue import read_table
+    from ..data.glue import read_table
 
     path = Path(path)
     if path.suffix.lower() == ".txt":
@@ -95,10 +94,8 @@ def save_array(path: str | Path, array: np.ndarray) -> Path:
     if path.suffix != ".npy":
         raise ValueError(f"--out {path}: expected a .npy file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
-    tmp.replace(path)
     return path
 
 
@@ -124,31 +121,3 @@ def sentence_transformers_files(hidden: int, max_len: int, pooling: str = "mean"
             "sentence_bert_config.json": {"max_seq_length": max_len, "do_lower_case": False},
             "config_sentence_transformers.json": {"prompts": {}, "default_prompt_name": None,
                                                   "similarity_fn_name": "cosine"}}
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .api import load
-
-    parser = argparse.ArgumentParser(prog="jaxbert embed", description="Sentence embeddings of a jaxbert model "
-                                     "(pretrained, imported or finetuned) as a float32 .npy array, input order.")
-    parser.add_argument("model", help="a pretraining run, checkpoint, model dir or finetuned model")
-    parser.add_argument("--input", required=True, help=".txt (one text per line) or a tsv/csv/jsonl/parquet file")
-    parser.add_argument("--column", default=None, help="text column of a table file (default: text)")
-    parser.add_argument("--pooling", default="mean", choices=POOLINGS, help="mean of the token states, or [CLS]")
-    parser.add_argument("--normalize", action="store_true", help="unit-length embeddings")
-    parser.add_argument("--max-len", type=int, default=None, help="tokens per text (default: model.max_positions)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--out", required=True, help="output .npy file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    model = load(args.model)
-    texts = read_texts(args.input, args.column)
-    vectors = model.encode(texts, pooling=args.pooling, normalize=args.normalize, max_len=args.max_len,
-                           batch_size=args.batch_size, precision=args.precision, progress=not args.no_progress)
-    out = save_array(args.out, vectors)
-    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.pooling}-pooled embeddings to {out}")
-    return 0

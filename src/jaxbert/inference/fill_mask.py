@@ -10,18 +10,17 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .data.pairs import padded_length
-from .model import BertForMLM
-from .precision import Policy
+from ..data.pairs import padded_length
+from ..model import BertForMLM
+from ..precision import Policy
 
 PAD_MULTIPLE = 32  # texts are padded to a multiple of this length: few compiled shapes over many calls
 
@@ -74,22 +73,3 @@ def fill_mask(model: BertForMLM, tokenizer: Any, text: str, top_k: int = 5, *, p
                                         float(probs[slot, token_id]), shown))
         result.append(candidates)
     return result
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .api import load
-
-    parser = argparse.ArgumentParser(prog="jaxbert fill-mask", description="The most likely tokens for each "
-                                     "[MASK] of a text.")
-    parser.add_argument("model", help="a pretraining run (its newest checkpoint), a checkpoint or a model dir")
-    parser.add_argument("texts", nargs="+", help="text(s) holding [MASK]")
-    parser.add_argument("--top-k", type=int, default=5, help="candidates shown per [MASK] (default 5)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    model = load(args.model)
-    for text in args.texts:
-        print(text)
-        for number, candidates in enumerate(model.fill_mask(text, top_k=args.top_k), 1):
-            print(f"  [MASK] {number}:")
-            for c in candidates:
-                print(f"    {c.token:<16} {c.probability:.4f}   {c.text}")
-    return 0

@@ -10,18 +10,18 @@ overall best model is saved (``<sweep dir>/best``); every run keeps its metrics 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from . import config as config_lib
-from .classifier import Start, prepare_start, save_classifier
-from .config import Config
-from .data.task_data import TaskData, load_task_data, resolve_task
-from .finetune import FinetuneResult, run
+from .. import config as config_lib
+from .. import io
+from .model_dir import Start, prepare_start, save_classifier
+from ..config import Config
+from ..data.task_data import TaskData, load_task_data, resolve_task
+from .trainer import FinetuneResult, run
 
 BATCH_SIZES = (8, 16, 32, 64, 128)
 LEARNING_RATES = (3e-4, 1e-4, 5e-5, 3e-5)
@@ -100,9 +100,7 @@ def sweep(cfg: Config, start: Start, data: TaskData, batch_sizes: Sequence[int],
     save_classifier(sweep_dir / "best", run_cfg, result.model, start.tokenizer,
                     {"task": data.task.name, "labels": list(data.task.labels), "epoch": result.best_epoch,
                      "score": result.score, "dev": result.dev, "init": start.source, "run": str(result.run_dir)})
-    tmp = sweep_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(sweep_dir / "summary.json")
+    io.write_json(sweep_dir / "summary.json", summary)
     return summary
 
 

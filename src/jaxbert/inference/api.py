@@ -20,11 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import Config
-from .data.glue import SplitData, Task
-from .model import BertForClassification, BertForMLM, encoder_of, mlm_of
-from .precision import Policy
-from .tokenizer import Tokenizer
+from ..config import Config
+from ..data.glue import SplitData, Task
+from ..model import BertForClassification, BertForMLM, encoder_of, mlm_of
+from ..precision import Policy
+from ..tokenizer import Tokenizer
 
 
 class Model:
@@ -39,7 +39,7 @@ class Model:
         self.meta = meta
         self.task: Optional[Task] = None
         if isinstance(model, BertForClassification):
-            from .inference import model_task
+            from .predict import model_task
 
             self.task = model_task(config, meta or {}, model.num_labels)
 
@@ -58,8 +58,8 @@ class Model:
 
     def predict_split(self, data: SplitData, *, batch_size: Optional[int] = None, precision: Optional[str] = None,
                       progress: bool = False) -> Any:
-        """:class:`jaxbert.inference.Predictions` for every row of ``data``, in row order."""
-        from .inference import Predictions, predict_split
+        """:class:`jaxbert.inference.predict.Predictions` for every row of ``data``, in row order."""
+        from .predict import Predictions, predict_split
 
         if self.task is None:
             raise ValueError(f"'{self.directory}' has no classifier head (not a finetuned model): nothing to predict")
@@ -84,30 +84,30 @@ class Model:
         return self.predict_split(data, **options)
 
     def fill_mask(self, text: str, top_k: int = 5, precision: Optional[str] = None) -> list:
-        """For every ``[MASK]`` of ``text``, its ``top_k`` :class:`jaxbert.fill_mask.Candidate` s."""
+        """For every ``[MASK]`` of ``text``, its ``top_k`` :class:`jaxbert.inference.fill_mask.Candidate` s."""
         from .fill_mask import fill_mask
 
-        return fill_mask(mlm_of(self.model), self.tokenizer, text, top_k, policy=Policy.from_name(precision or "fp32"),
-                         attention=self.config.impl.attention)
+        return fill_mask(mlm_of(self.model), self.tokenizer, text, top_k,
+                         policy=Policy.from_name(precision or "fp32"), attention=self.config.impl.attention)
 
     def encode(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = False,
                max_len: Optional[int] = None, batch_size: int = 128, precision: Optional[str] = None,
                progress: bool = False) -> Any:
-        """float32 ``(len(texts), hidden)`` sentence embeddings (see :mod:`jaxbert.embed`)."""
+        """float32 ``(len(texts), hidden)`` sentence embeddings (see :mod:`jaxbert.inference.embed`)."""
         from .embed import embed
 
-        return embed(encoder_of(self.model), self.tokenizer, texts, pooling=pooling, normalize=normalize, max_len=max_len,
-                     batch_size=batch_size, pad_multiple=self.config.impl.pad_multiple,
+        return embed(encoder_of(self.model), self.tokenizer, texts, pooling=pooling, normalize=normalize,
+                     max_len=max_len, batch_size=batch_size, pad_multiple=self.config.impl.pad_multiple,
                      policy=Policy.from_name(precision or "fp32"), attention=self.config.impl.attention,
                      progress=progress)
 
 
 def load(path: str | Path) -> Model:
     """A :class:`Model` from any jaxbert model directory (see the module docstring)."""
-    from .checkpoint import load_pretrained
-    from .classifier import load_classifier
-    from .hf_export import finetuned_dir
-    from .tokenizer import load_tokenizer
+    from ..checkpoint import load_pretrained
+    from ..finetune.model_dir import load_classifier
+    from ..hf.export import finetuned_dir
+    from ..tokenizer import load_tokenizer
 
     path = Path(path)
     if not path.exists():

@@ -1,9 +1,5 @@
-"""HuggingFace interop: ``jaxbert import-hf`` and ``jaxbert export``.
-
-The work lives in three modules: :mod:`jaxbert.hf_convert` (pure state-dict <-> model conversion),
-:mod:`jaxbert.hf_import` (HF directory -> jaxbert model directory) and :mod:`jaxbert.hf_export` (jaxbert run,
-checkpoint or model directory -> HF directory). This module holds the command-line entry points and re-exports
-the public functions.
+"""The HuggingFace interop commands: ``jaxbert import-hf`` (:func:`jaxbert.hf.importer.import_hf`) and
+``jaxbert export`` (:func:`jaxbert.hf.export.export_hf`).
 
 Examples::
 
@@ -19,15 +15,9 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-from . import config as config_lib
-from .hf_convert import hf_config_from_model, hf_state_to_model, model_config_from_hf, model_to_hf_state
-from .hf_export import export_hf, label_names, load_source
-from .hf_import import import_hf
-from .modelcard import card_for
-
-__all__ = ["import_hf", "export_hf", "load_source", "hf_state_to_model", "model_to_hf_state",
-           "model_config_from_hf", "hf_config_from_model", "import_main", "export_main"]
-
+from .. import config as config_lib
+from .export import export_directory
+from .importer import import_hf
 
 def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
     for item in caught:
@@ -75,10 +65,7 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, tokenizer, meta = load_source(args.source)
-        labels = None if meta is None else label_names(meta, model.num_labels)
-        out = export_hf(model, tokenizer, args.out, id2label=labels, pooling=args.pooling, normalize=args.normalize,
-                        card=card_for(args.source))
+        out, model, meta = export_directory(args.source, args.out, pooling=args.pooling, normalize=args.normalize)
     _show_warnings(caught)
     cfg = model.config
     arch = ("BERT" if cfg.post_ln else "RobertaPreLayerNorm") + (" + MLM head" if meta is None else

@@ -3,41 +3,32 @@
 Post-LN models become BERT (``BertForMaskedLM``, or ``BertForSequenceClassification`` when a classifier is
 kept beside the model); pre-LN models become ``RobertaPreLayerNormForMaskedLM`` /
 ``...ForSequenceClassification``, transformers' pre-LayerNorm BERT-style architecture (see
-:mod:`jaxbert.hf_convert` for the position-table shift this needs). A finetuned model (``finetuned.json``)
+:mod:`jaxbert.hf.convert` for the position-table shift this needs). A finetuned model (``finetuned.json``)
 exports as sequence classification with its label names. The directory holds model.safetensors,
 config.json, tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json, the sentence-transformers
-files and a model card (README.md); it is written under
-a temporary name and renamed into place, and an existing non-empty target is refused.
+files, a model card (README.md) and jaxbert's manifest.json (checksums); it is written under a temporary name and
+renamed into place (:func:`jaxbert.io.atomic_dir`), and an existing non-empty target is refused.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from safetensors.numpy import save_file
 
-from .embed import sentence_transformers_files
-from .hf_convert import hf_config_from_model, model_to_hf_state
-from .hf_import import check_target, move_into_place
-from .model import BertForClassification, BertForMLM
-from .tokenizer import Tokenizer, load_tokenizer
+from .. import config as config_lib
+from .. import io, modelcard
+from ..checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, load_pretrained, pretraining_facts
+from ..finetune.model_dir import finetuned_dir, load_classifier
+from ..inference.embed import sentence_transformers_files
+from .convert import hf_config_from_model, model_to_hf_state
+from ..model import BertForClassification, BertForMLM
+from ..tokenizer import Tokenizer, load_tokenizer
 
 _SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
-
-
-def finetuned_dir(path: Path) -> Optional[Path]:
-    """``path`` itself, or its ``best/``, when it is a finetuned-model directory (holds ``finetuned.json``)."""
-    from .classifier import MARK
-
-    for candidate in (path, path / "best"):
-        if (candidate / MARK).is_file():
-            return candidate
-    return None
 
 
 def load_source(path: str | Path) -> tuple[BertForMLM | BertForClassification, Tokenizer, Optional[dict[str, Any]]]:
@@ -47,9 +38,6 @@ def load_source(path: str | Path) -> tuple[BertForMLM | BertForClassification, T
     :class:`BertForClassification` and its ``finetuned.json``; a pretraining run, checkpoint or model directory
     gives a :class:`BertForMLM` and None.
     """
-    from .checkpoint import load_pretrained
-    from .classifier import load_classifier
-
     path = Path(path)
     finetuned = finetuned_dir(path)
     if finetuned is not None:
@@ -60,6 +48,24 @@ def load_source(path: str | Path) -> tuple[BertForMLM | BertForClassification, T
         raise ValueError(f"'{path}' was pretrained with train.objective={saved.train.objective}: HF export of "
                          "its discriminator is not supported yet; finetune it with jaxbert finetune --init")
     return mlm, load_tokenizer(tokenizer_path), None
+
+
+def card_for(path: str | Path, command: Optional[str] = None) -> str:
+    """The card to export a jaxbert directory with (its own card when it has one, else one rendered from it)."""
+    path = Path(path)
+    finetuned = finetuned_dir(path)
+    if finetuned is not None:
+        meta = json.loads((finetuned / "finetuned.json").read_text())
+        cfg = config_lib.load_saved(finetuned)
+        facts = pretraining_facts(str(meta.get("init") or "random"))
+        fallback = modelcard.finetuned_card(cfg, meta, int(meta.get("num_labels", 1)), "unknown", facts)
+        own = finetuned / modelcard.CARD
+    else:
+        if not (path / MANIFEST).is_file() and (path / CHECKPOINTS).is_dir():
+            path = latest_checkpoint(path) or path
+        fallback = modelcard.pretraining_card(config_lib.load_saved(path), pretraining_facts(path), "unknown")
+        own = path / modelcard.CARD
+    return modelcard.exported_card(own.read_text(encoding="utf-8") if own.is_file() else None, fallback, command)
 
 
 def label_names(meta: Optional[dict[str, Any]], num_labels: int) -> Optional[dict[str, str]]:
@@ -93,7 +99,7 @@ def export_hf(model: BertForMLM | BertForClassification, tokenizer: Tokenizer, o
     ``normalize`` go with it, so ``SentenceTransformer(out)`` loads it; ``card`` becomes its ``README.md``.
     """
     out = Path(out)
-    check_target(out)
+    io.check_empty(out)
     cfg = model.config
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.source}: {tokenizer.vocab_size} tokens, but the model's word "
@@ -110,11 +116,8 @@ def export_hf(model: BertForMLM | BertForClassification, tokenizer: Tokenizer, o
                       f"{cfg.activation}, so HF MLM logits will differ slightly (hidden states are exact)",
                       stacklevel=2)
     state = model_to_hf_state(model, pad_id=special.pad)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> dict[str, Any]:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config)
         tokenizer.save(tmp)
@@ -124,13 +127,22 @@ def export_hf(model: BertForMLM | BertForClassification, tokenizer: Tokenizer, o
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             _write_json(tmp / name, content)
         if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            modelcard.write_card(tmp, card)
+        return {"kind": "hf-export"}
+
+    return io.atomic_dir(out, write, exists="refuse")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    io.write_json(path, data, indent=2)
+
+
+def export_directory(source: str | Path, out: str | Path, *, pooling: str = "mean", normalize: bool = False
+                     ) -> tuple[Path, BertForMLM | BertForClassification, Optional[dict[str, Any]]]:
+    """Export a jaxbert directory (pretraining run, checkpoint, model dir, or finetuned model) as the HF directory
+    ``out``, with its model card and label names; returns (``out``, the model, its finetune metadata or None)."""
+    model, tokenizer, meta = load_source(source)
+    labels = None if meta is None else label_names(meta, model.num_labels)
+    path = export_hf(model, tokenizer, out, id2label=labels, pooling=pooling, normalize=normalize,
+                     card=card_for(source))
+    return path, model, meta

@@ -7,7 +7,7 @@ writes a jaxbert model directory:
 * a BertModel / BertForMaskedLM checkpoint becomes a pretrained-model directory
   (:func:`jaxbert.checkpoint.save_model`; a missing MLM head or pooler is freshly initialised, with a warning);
 * a BertForSequenceClassification checkpoint becomes a finetuned-model directory
-  (:func:`jaxbert.classifier.save_classifier`): encoder and classifier kept, ``finetuned.json`` recording
+  (:func:`jaxbert.finetune.model_dir.save_classifier`): encoder and classifier kept, ``finetuned.json`` recording
   ``num_labels`` and the label names, so ``jaxbert finetune --init`` can reuse the head.
 
 Both also hold ``hf_source.json`` (the original config.json and where it came from).
@@ -16,8 +16,6 @@ Both also hold ``hf_source.json`` (the original config.json and where it came fr
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,11 +23,15 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 from safetensors import SafetensorError, deserialize, safe_open
 
-from . import config as config_lib
-from .config import Config, ModelConfig
-from .hf_convert import hf_state_to_model, model_config_from_hf
-from .model import BertForClassification
-from .tokenizer import Tokenizer, load_tokenizer
+from .. import config as config_lib
+from .. import io
+from ..checkpoint import write_model_files
+from ..config import Config, ModelConfig
+from ..finetune.model_dir import write_finetuned
+from ..modelcard import pretraining_card
+from .convert import hf_state_to_model, model_config_from_hf
+from ..model import BertForClassification
+from ..tokenizer import Tokenizer, load_tokenizer
 
 SOURCE_FILE = "hf_source.json"  # the imported config.json, kept for reference (labels, provenance)
 _SAFETENSORS, _INDEX, _TORCH = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
@@ -125,23 +127,6 @@ def read_hf_tokenizer(directory: Path) -> Tokenizer:
     return load_tokenizer(directory, lowercase=lowercase)
 
 
-# --- writing the checkpoint -------------------------------------------------------------------------------------
-
-
-def check_target(out: Path) -> None:
-    """An output directory must not exist, or be empty: nothing is ever overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output '{out}' already exists and is not empty (choose a new directory)")
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename a finished temporary directory to ``out`` (an empty ``out`` is replaced)."""
-    check_target(out)  # again: something may have appeared meanwhile
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-
-
 def run_config(model_cfg: ModelConfig, tokenizer: Tokenizer) -> Config:
     """A full jaxbert Config around an imported model (base preset; lengths capped by max_positions)."""
     base = config_lib.load("base")
@@ -172,13 +157,10 @@ def import_hf(source: str | Path, out: str | Path, *, key: Optional[PRNGKeyArray
 
     Returns ``out``. Raises FileNotFoundError / ValueError naming the file or tensor on bad input.
     """
-    from .checkpoint import save_model
-    from .modelcard import pretraining_card
-
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise FileNotFoundError(f"HF model directory '{source}' does not exist")
-    check_target(out)
+    io.check_empty(out)
     hf_config = read_hf_config(source)
     model_config_from_hf(hf_config, str(source / "config.json"))  # fail on the config before reading weights
     tokenizer = read_hf_tokenizer(source)
@@ -187,20 +169,17 @@ def import_hf(source: str | Path, out: str | Path, *, key: Optional[PRNGKeyArray
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.source}: {tokenizer.vocab_size} tokens, but the word embedding "
                          f"matrix has {cfg.vocab_size} rows")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if isinstance(model, BertForClassification):  # the finetuned-model format: encoder + head
-            from .classifier import save_classifier
+    config = run_config(cfg, tokenizer)
 
+    def write(tmp: Path) -> dict[str, Any]:
+        if isinstance(model, BertForClassification):  # the finetuned-model format: encoder + head
             meta = classifier_meta(hf_config, model.num_labels, source)
-            save_classifier(tmp, run_config(cfg, tokenizer), model, tokenizer, meta)
+            fields = write_finetuned(tmp, config, model, tokenizer, meta)
         else:
-            card = pretraining_card(run_config(cfg, tokenizer), {"imported_from": str(source.resolve())})
-            save_model(tmp, run_config(cfg, tokenizer), model, tokenizer, card)
-        (tmp / SOURCE_FILE).write_text(json.dumps({"source": str(source.resolve()), "config": hf_config}, indent=1))
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            card = pretraining_card(config, {"imported_from": str(source.resolve())})
+            fields = write_model_files(tmp, config, model, tokenizer, card)
+        io.write_json(tmp / SOURCE_FILE, {"source": str(source.resolve()), "config": hf_config})
+        return fields
+
+    io.atomic_dir(out, write, exists="refuse")
     return out

@@ -1,4 +1,5 @@
-"""``jaxbert glue``: finetune on every GLUE task found, print a dev table and the GLUE average, write a submission.
+"""The finetuning commands: ``jaxbert finetune`` (one task, see :mod:`jaxbert.finetune.trainer`) and
+``jaxbert glue``: finetune on every GLUE task found, print a dev table and the GLUE average, write a submission.
 
 Tasks without training data or dev labels in ``--glue-dir`` are skipped with the reason (here: QNLI has no
 train split, QQP is absent). AX (the diagnostic set) is predicted by the MNLI model. The submission zip holds
@@ -35,16 +36,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import config as config_lib
-from .classifier import load_classifier, prepare_start
-from .data.glue import TASKS, Task, get_task, has_split, missing_reason, read_split
-from .data.pairs import encode_split
-from .data.task_data import load_task_data
-from .finetune import (FinetuneResult, add_common_arguments, load_result, overrides_from, predict,
-                       prediction_strings, run, write_predictions)
+from .. import config as config_lib
+from .. import io
+from .model_dir import load_classifier, prepare_start
+from ..data.glue import TASKS, Task, get_task, has_split, missing_reason, read_split
+from ..data.pairs import encode_split
+from ..data.task_data import load_task_data
+from .sweep import sweep_main
+from .trainer import (FinetuneResult, format_dev, finetune, load_result, predict, prediction_strings, run,
+                      write_glue_tsv)
 from .metrics import DISPLAY, glue_average
-from .precision import Policy
+from ..precision import Policy
 
+FINETUNE_HELP = ("Finetune a classifier on one GLUE task (or a custom task), evaluate on dev every epoch, "
+                 "keep the best.")
+GLUE_HELP = "Finetune on every GLUE task found, print a dev table and the GLUE average, write a submission."
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 Echo = Callable[[str], None]
 
@@ -91,7 +97,7 @@ def predict_ax(mnli: FinetuneResult, echo: Echo) -> Optional[Path]:
     enc = encode_split(data, mnli.tokenizer, cfg.finetune.max_len)
     outputs = predict(mnli.model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len,
                       Policy.from_name(cfg.finetune.precision), cfg.impl.attention)
-    path = write_predictions(mnli.run_dir / "predictions" / "AX.tsv", data.index, prediction_strings(ax, outputs))
+    path = write_glue_tsv(mnli.run_dir / "predictions" / "AX.tsv", data.index, prediction_strings(ax, outputs))
     echo(f"AX: wrote {len(data)} predictions of the MNLI model to {path}")
     return path
 
@@ -150,23 +156,15 @@ def default_jobs(tasks: int) -> int:
 
 def _run_parallel(jobs: list[TaskJob], workers: int, report: GlueReport, echo: Echo) -> None:
     """Run ``jobs`` in ``workers`` processes (spawned: each starts its own JAX with its share of the GPU)."""
-    keys = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / workers:.3f}")
-    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"  # each worker takes its share at once
-    echo(f"glue: {len(jobs)} task(s), {workers} at a time, each with "
-         f"{float(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']):.0%} of the GPU memory")
-    try:
+    memory = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / workers:.3f}"}
+    preallocate = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}  # each worker takes its share at once
+    with config_lib.environment(preallocate, defaults=memory):
+        echo(f"glue: {len(jobs)} task(s), {workers} at a time, each with "
+             f"{float(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']):.0%} of the GPU memory")
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_worker, job): job for job in jobs}
             for future in as_completed(futures):
                 _record(report, futures[future], future.exception() or future.result(), echo)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _record(report: GlueReport, job: TaskJob, outcome: FinetuneResult | BaseException, echo: Echo) -> None:
@@ -253,11 +251,9 @@ def format_table(report: GlueReport) -> str:
 def write_submission(predictions: dict[str, Path], zip_path: Path) -> Path:
     """A GLUE-server zip: ``<name>.tsv`` files at the top level (written atomically)."""
     zip_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with io.atomic_file(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(predictions):
             archive.write(predictions[name], arcname=f"{name}.tsv")
-    tmp.replace(zip_path)
     return zip_path
 
 
@@ -283,8 +279,8 @@ def finish(report: GlueReport, echo: Echo = print) -> None:
         echo(f"submission: {report.zip_path} ({', '.join(f'{n}.tsv' for n in sorted(report.predictions))})")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxbert glue", description=__doc__.split("\n\n")[0])
+def glue_main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxbert glue", description=GLUE_HELP)
     parser.add_argument("--all", action="store_true", help="every GLUE task found in the data")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks instead of --all (e.g. rte,mrpc)")
     parser.add_argument("--resume", action="store_true", help="reuse tasks already finished in the glue run named "
@@ -301,3 +297,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = run_glue(args, tasks)
     finish(report)
     return 0 if report.results and not report.failed else 1
+
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", default=None, help="pretrained run/checkpoint/model dir, a finetuned model dir, "
+                        "or 'random' (needs tokenizer.path=); default random")
+    parser.add_argument("--glue-dir", default=None, help="GLUE data: a directory in the GLUE layout, or 'hf' "
+                        "(HuggingFace hub); sets finetune.glue_dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_lib.add_config_arguments(parser, default_preset="base")
+
+
+def overrides_from(args: argparse.Namespace, overrides: Optional[Sequence[str]] = None,
+                   **extra: Optional[str]) -> list[str]:
+    """Dotlist overrides from the flags (``--glue-dir``, ``extra``) followed by ``overrides`` (default: the
+    positional ones)."""
+    out = [f"finetune.glue_dir={args.glue_dir}"] if args.glue_dir else []
+    out += [f"finetune.{k}={v}" for k, v in extra.items() if v is not None]
+    return out + list(args.overrides if overrides is None else overrides)
+
+
+def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxbert finetune", description=FINETUNE_HELP)
+    parser.add_argument("--task", default=None, help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, "
+                        "wnli), or custom with finetune.train_file= and finetune.dev_file=")
+    add_common_arguments(parser)
+    parser.add_argument("--sweep", action="store_true", help="grid of batch sizes x lrs x seeds (Turc et al.)")
+    parser.add_argument("--batch-sizes", default=None, help="sweep batch sizes, comma-separated (8,16,32,64,128)")
+    parser.add_argument("--lrs", default=None, help="sweep learning rates, comma-separated (3e-4,1e-4,5e-5,3e-5)")
+    parser.add_argument("--seeds", type=int, default=None, help="sweep seeds per grid point (default 1)")
+    args = parser.parse_args(argv)
+    cfg = config_lib.load(args.config, overrides_from(args, task=args.task))
+    config_lib.apply_runtime(cfg.impl)  # XLA flags, compilation cache: before anything starts the JAX backend
+    if args.sweep:
+        return sweep_main(cfg, args)
+    if args.batch_sizes or args.lrs or args.seeds:
+        parser.error("--batch-sizes, --lrs and --seeds need --sweep")
+    result = finetune(cfg, args.init, progress=not args.no_progress)
+    print(f"{result.task}: best epoch {result.best_epoch}, score {100 * result.score:.2f} ({format_dev(result.dev)});"
+          f" model in {result.run_dir / 'best'}")
+    return 0

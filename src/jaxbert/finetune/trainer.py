@@ -1,4 +1,5 @@
-"""``jaxbert finetune``: finetune a classifier on one GLUE task, evaluate on dev every epoch, keep the best.
+"""Finetuning one task (``jaxbert finetune``): a classifier on one GLUE task, evaluated on dev every epoch; the
+best epoch is kept.
 
 Recipe: AdamW (betas ``finetune.beta1/beta2``, eps ``finetune.eps``, weight decay on weight matrices and
 embeddings only, global-norm clipping), learning rate warmed up linearly then decayed linearly to zero, dropout
@@ -7,7 +8,7 @@ receives::
 
     config.yaml        the resolved config
     metrics.jsonl      one line per log interval and per dev evaluation
-    best/              the best model by the task's score on dev (a finetuned-model dir, see jaxbert.classifier)
+    best/              the best model by the task's score on dev (a finetuned-model dir, see jaxbert.finetune.model_dir)
     predictions/       <GLUE name>.tsv for every test split found (index, prediction), from the best model
     results.json       best epoch, dev metrics, task score
 
@@ -17,12 +18,11 @@ few and fixed, so a run compiles once: training batches are padded to a multiple
 (capped at ``finetune.max_len``), evaluation batches to ``finetune.max_len``. Batches are built and sent to the
 device in a background thread, the learning rate is a step input (no recompile between runs of a sweep), and the
 loss is fetched from the device only every ``impl.log_every`` steps. ``--sweep`` runs a grid of batch sizes x
-learning rates x seeds (see jaxbert.sweep).
+learning rates x seeds (see jaxbert.finetune.sweep).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -38,20 +38,20 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from . import config as config_lib
-from . import distributed
-from .classifier import Start, build_classifier, prepare_start, save_classifier
-from .config import Config
-from .data.glue import Task
-from .data.loader import Prefetcher
-from .data.pairs import Batch, Encoded, eval_batches, steps_per_epoch, train_batches
-from .data.task_data import TaskData, load_task_data, resolve_task
+from .. import config as config_lib
+from .. import distributed, io
+from .model_dir import Start, build_classifier, prepare_start, save_classifier
+from ..config import Config
+from ..data.glue import Task
+from ..data.loader import Prefetcher
+from ..data.pairs import Batch, Encoded, eval_batches, steps_per_epoch, train_batches
+from ..data.task_data import TaskData, load_task_data, resolve_task
 from .metrics import compute, task_score
-from .model import BertForClassification
-from .optim import AdamWSettings, one_cycle
-from .precision import LossScale, Policy
-from .tracking import JsonlTracker, TensorBoardTracker, Trackers, WandbTracker
-from .train import TrainingDiverged, TrainState, fused_step, new_state
+from ..model import BertForClassification
+from ..optim import AdamWSettings, one_cycle
+from ..precision import LossScale, Policy
+from ..tracking import JsonlTracker, TensorBoardTracker, Trackers, WandbTracker
+from ..train import TrainingDiverged, TrainState, fused_step, new_state
 
 Log = Callable[[str], None]
 
@@ -116,7 +116,7 @@ def decide(task: Task, outputs: np.ndarray) -> np.ndarray:
     return outputs[:, 0] if task.regression else outputs.argmax(-1)
 
 
-def evaluate(model: BertForClassification, task: Task, dev: dict[str, Encoded], cfg: Config,
+def dev_metrics(model: BertForClassification, task: Task, dev: dict[str, Encoded], cfg: Config,
              policy: Policy) -> dict[str, dict[str, float]]:
     """``{dev split: {metric: value}}``; every batch padded to ``finetune.max_len`` (one compiled step)."""
     results = {}
@@ -133,13 +133,10 @@ def prediction_strings(task: Task, outputs: np.ndarray) -> list[str]:
     return [task.labels[i] for i in outputs.argmax(-1)]
 
 
-def write_predictions(path: Path, index: Sequence[str], predictions: Sequence[str]) -> Path:
+def write_glue_tsv(path: Path, index: Sequence[str], predictions: Sequence[str]) -> Path:
     """``index<TAB>prediction`` rows under a header, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in zip(index, predictions)))
-    tmp.replace(path)
-    return path
+    return io.write_atomic(path, "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in zip(index, predictions)))
 
 
 # --------------------------------------------------------------------------------------------------- loop
@@ -230,7 +227,7 @@ def plan_run(cfg: Config, data: TaskData) -> Plan:
     policy = Policy.from_name(f.precision)
     total = steps_per_epoch(len(data.train), f.batch_size) * f.epochs
     lrs = np.asarray(one_cycle(f.lr, f.warmup_fraction, 0.0)(np.arange(total) / total), np.float32)
-    return Plan(cfg, lrs, ClassificationLoss(policy, cfg.impl.attention), AdamWSettings.for_finetuning(f), policy,
+    return Plan(cfg, lrs, ClassificationLoss(policy, cfg.impl.attention), AdamWSettings.of(f), policy,
                 distributed.finetuning_mesh(cfg))  # every local device, data parallel
 
 
@@ -255,7 +252,7 @@ def _device_batches(plan: Plan, data: TaskData, epoch: int) -> Iterator[tuple]:
         yield distributed.distribute(_device_batch(batch), plan.mesh)  # rows split over the devices
 
 
-def train_epoch(state: TrainState, plan: Plan, data: TaskData, epoch: int, bar: Any, log: Trackers) -> TrainState:
+def train_epoch(state: TrainState, plan: Plan, data: TaskData, epoch: int, bar: Any, tracker: Trackers) -> TrainState:
     """One pass over the training set; the state is donated to each step (use the returned one)."""
     cfg, pending = plan.cfg, []
     step = epoch * (plan.steps // cfg.finetune.epochs)
@@ -265,21 +262,21 @@ def train_epoch(state: TrainState, plan: Plan, data: TaskData, epoch: int, bar: 
             step += 1
             pending.append(metrics)
             if len(pending) >= cfg.impl.log_every:
-                _log_losses(pending, step, epoch, bar, log, cfg.train.max_skipped_steps, data.task.name)
+                _log_losses(pending, step, epoch, bar, tracker, cfg.train.max_skipped_steps, data.task.name)
                 pending = []
     if pending:
-        _log_losses(pending, step, epoch, bar, log, cfg.train.max_skipped_steps, data.task.name)
+        _log_losses(pending, step, epoch, bar, tracker, cfg.train.max_skipped_steps, data.task.name)
     return state
 
 
-def _log_losses(pending: list, step: int, epoch: int, bar: Any, log: Trackers, max_skipped: int, task: str) -> None:
+def _log_losses(pending: list, step: int, epoch: int, bar: Any, tracker: Trackers, max_skipped: int, task: str) -> None:
     """Fetch the metrics since the last log (the only device sync of the training loop); stop on a run of
     non-finite steps."""
     fetched = jax.device_get(pending)
     bar.update(len(pending))
     mean, lr = float(np.mean([m["loss"] for m in fetched])), float(fetched[-1]["lr"])
     bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-    log.log(step, {"loss": mean, "lr": lr, "epoch": float(epoch + 1),
+    tracker.log(step, {"loss": mean, "lr": lr, "epoch": float(epoch + 1),
                    "skipped_total": float(fetched[-1]["skipped_total"])}, "train")
     run = int(fetched[-1]["consecutive_skipped"])
     if run >= max_skipped:
@@ -288,7 +285,7 @@ def _log_losses(pending: list, step: int, epoch: int, bar: Any, log: Trackers, m
 
 
 def _epochs(state: TrainState, plan: Plan, start: Start, data: TaskData, run_dir: Path,
-            log: Trackers, progress: bool, save: bool) -> FinetuneResult:
+            tracker: Trackers, progress: bool, save: bool) -> FinetuneResult:
     """Train and evaluate every epoch; the best epoch's model (saved under ``run_dir/best`` when ``save``)."""
     cfg, task = plan.cfg, data.task
     best: Optional[FinetuneResult] = None
@@ -296,15 +293,15 @@ def _epochs(state: TrainState, plan: Plan, start: Start, data: TaskData, run_dir
     with tqdm(total=plan.steps, desc=task.name, disable=not progress, dynamic_ncols=True) as bar:
         for epoch in range(cfg.finetune.epochs):
             started = time.time()
-            state = train_epoch(state, plan, data, epoch, bar, log)
-            dev = evaluate(state.model, task, data.dev, cfg, plan.policy)
+            state = train_epoch(state, plan, data, epoch, bar, tracker)
+            dev = dev_metrics(state.model, task, data.dev, cfg, plan.policy)
             score = task_score(dev)
             record = {"epoch": float(epoch + 1), "score": score, "epoch_seconds": time.time() - started,
                       **{f"{split}/{m}": v for split, ms in dev.items() for m, v in ms.items()}}
             step = (epoch + 1) * (plan.steps // cfg.finetune.epochs)
-            log.log(step, record, "eval")
+            tracker.log(step, record, "eval")
             history.append({"step": step, **record})
-            bar.write(f"{task.name} epoch {epoch + 1}: " + _describe(dev) + f"  score {100 * score:.2f}  "
+            bar.write(f"{task.name} epoch {epoch + 1}: " + format_dev(dev) + f"  score {100 * score:.2f}  "
                       f"({record['epoch_seconds']:.1f} s)")
             if best is None or score > best.score:
                 # a host copy: the state's buffers are donated to the next step
@@ -332,11 +329,11 @@ def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, sav
     state = initial_state(plan, start, task)
     echo(f"{task.name}: {len(data.train)} train examples, {f.epochs} epoch(s) of {plan.steps // f.epochs} steps, "
          f"batch {f.batch_size}, lr {f.lr:g}, {f.precision}; run dir {run_dir}")
-    log = make_tracker(cfg, run_dir)
+    tracker = make_tracker(cfg, run_dir)
     try:
-        best = _epochs(state, plan, start, data, run_dir, log, progress, save)
+        best = _epochs(state, plan, start, data, run_dir, tracker, progress, save)
     finally:
-        log.close()
+        tracker.close()
     best.model = distributed.shard_state(best.model, plan.mesh)  # back on the devices, for predictions
     best.cfg, best.tokenizer = cfg, start.tokenizer
     best.dev_sizes = {split: len(enc) for split, enc in data.dev.items()}
@@ -345,7 +342,7 @@ def run(cfg: Config, start: Start, data: TaskData, *, progress: bool = True, sav
     return best
 
 
-def _describe(dev: dict[str, dict[str, float]]) -> str:
+def format_dev(dev: dict[str, dict[str, float]]) -> str:
     return "  ".join(f"{split} " + " ".join(f"{m} {100 * v:.2f}" for m, v in ms.items()) for split, ms in dev.items())
 
 
@@ -357,7 +354,7 @@ def predict_tests(model: BertForClassification, task: Task, data: TaskData, cfg:
     for split, (index, enc) in data.test.items():
         outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len, policy, cfg.impl.attention)
         name = task.submission_name(split)
-        written[name] = write_predictions(folder / f"{name}.tsv", index, prediction_strings(task, outputs))
+        written[name] = write_glue_tsv(folder / f"{name}.tsv", index, prediction_strings(task, outputs))
         echo(f"{task.name}: wrote {len(index)} {split} predictions to {written[name]}")
     return written
 
@@ -366,9 +363,7 @@ def _write_results(run_dir: Path, result: FinetuneResult) -> None:
     summary = {"task": result.task, "best_epoch": result.best_epoch, "score": result.score, "dev": result.dev,
                "dev_sizes": result.dev_sizes, "predictions": {k: str(v) for k, v in result.predictions.items()},
                "history": result.history}
-    tmp = run_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(run_dir / "results.json")
+    io.write_json(run_dir / "results.json", summary)
 
 
 def finetune(cfg: Config, init: Optional[str] = None, *, progress: bool = True, echo: Log = print) -> FinetuneResult:
@@ -380,48 +375,3 @@ def finetune(cfg: Config, init: Optional[str] = None, *, progress: bool = True, 
     start = prepare_start(cfg, init, task)
     data = load_task_data(start.cfg, task, start.tokenizer, echo=echo)
     return run(start.cfg, start, data, progress=progress, echo=echo)
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--init", default=None, help="pretrained run/checkpoint/model dir, a finetuned model dir, "
-                        "or 'random' (needs tokenizer.path=); default random")
-    parser.add_argument("--glue-dir", default=None, help="GLUE data: a directory in the GLUE layout, or 'hf' "
-                        "(HuggingFace hub); sets finetune.glue_dir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    config_lib.add_config_arguments(parser, default_preset="base")
-
-
-def overrides_from(args: argparse.Namespace, overrides: Optional[Sequence[str]] = None,
-                   **extra: Optional[str]) -> list[str]:
-    """Dotlist overrides from the flags (``--glue-dir``, ``extra``) followed by ``overrides`` (default: the
-    positional ones)."""
-    out = [f"finetune.glue_dir={args.glue_dir}"] if args.glue_dir else []
-    out += [f"finetune.{k}={v}" for k, v in extra.items() if v is not None]
-    return out + list(args.overrides if overrides is None else overrides)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxbert finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default=None, help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, "
-                        "wnli), or custom with finetune.train_file= and finetune.dev_file=")
-    add_common_arguments(parser)
-    parser.add_argument("--sweep", action="store_true", help="grid of batch sizes x lrs x seeds (Turc et al.)")
-    parser.add_argument("--batch-sizes", default=None, help="sweep batch sizes, comma-separated (8,16,32,64,128)")
-    parser.add_argument("--lrs", default=None, help="sweep learning rates, comma-separated (3e-4,1e-4,5e-5,3e-5)")
-    parser.add_argument("--seeds", type=int, default=None, help="sweep seeds per grid point (default 1)")
-    args = parser.parse_args(argv)
-    cfg = config_lib.load(args.config, overrides_from(args, task=args.task))
-    config_lib.apply_runtime(cfg.impl)  # XLA flags, compilation cache: before anything starts the JAX backend
-    if args.sweep:
-        from .sweep import sweep_main
-
-        return sweep_main(cfg, args)
-    if args.batch_sizes or args.lrs or args.seeds:
-        parser.error("--batch-sizes, --lrs and --seeds need --sweep")
-    result = finetune(cfg, args.init, progress=not args.no_progress)
-    print(f"{result.task}: best epoch {result.best_epoch}, score {100 * result.score:.2f} ({_describe(result.dev)});"
-          f" model in {result.run_dir / 'best'}")
-    return 0

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from .config import ModelConfig
-from .model import BertForClassification, BertForMLM, MLMHead
-from .model.layers import Dense
+from .. import io
+from ..config import ModelConfig
+from ..model import BertForClassification, BertForMLM, MLMHead
+from ..model.layers import Dense
 
 BERT, PRELN = "bert", "roberta-prelayernorm"
 PREFIXES = {BERT: "bert.", PRELN: "roberta_prelayernorm."}
@@ -140,32 +141,6 @@ def hf_config_from_model(cfg: ModelConfig, *, pad_id: int, cls_id: Optional[int]
     return out
 
 
-# --- flat parameter dicts ---------------------------------------------------------------------------------------
-
-
-def _leaves(module: eqx.Module) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(module)[0]
-    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in leaves}
-
-
-def flat_params(module: eqx.Module) -> dict[str, np.ndarray]:
-    """``{"bert.layers.qkv.weight": array, ...}`` for every array leaf of a jaxbert module (host numpy)."""
-    return {name: np.asarray(leaf) for name, leaf in _leaves(module).items() if eqx.is_array(leaf)}
-
-
-def from_flat(skeleton: eqx.Module, params: Mapping[str, np.ndarray]) -> eqx.Module:
-    """Fill a module skeleton (e.g. from ``eqx.filter_eval_shape``) with float32 arrays by name."""
-    paths, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-    leaves = []
-    for path, leaf in paths:
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        value = params[name]
-        if tuple(value.shape) != tuple(leaf.shape):
-            raise ValueError(f"parameter {name}: expected shape {tuple(leaf.shape)}, got {tuple(value.shape)}")
-        leaves.append(jnp.asarray(value, dtype=jnp.float32))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def skeleton(cfg: ModelConfig, num_labels: Optional[int] = None) -> BertForMLM | BertForClassification:
     """The model's structure with shapes only (no initialisation cost)."""
     key = jax.random.PRNGKey(0)
@@ -220,14 +195,14 @@ def model_to_hf_state(model: BertForMLM | BertForClassification, *, pad_id: int 
     The MLM decoder is tied to the word embeddings and therefore not written.
     """
     classify = isinstance(model, BertForClassification)
-    out = _to_hf(flat_params(model), model.config, classify, pad_id, np)
+    out = _to_hf(io.named_arrays(model), model.config, classify, pad_id, np)
     return {name: np.ascontiguousarray(value) for name, value in out.items()}
 
 
 def hf_shapes(model: BertForMLM | BertForClassification, *, pad_id: int = 0) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor :func:`model_to_hf_state` would write (works on a :func:`skeleton`)."""
     classify = isinstance(model, BertForClassification)
-    ours = {k: v for k, v in _leaves(model).items() if hasattr(v, "shape")}
+    ours = {k: v for k, v in io.named_leaves(model).items() if hasattr(v, "shape")}
     shapes = jax.eval_shape(lambda p: _to_hf(p, model.config, classify, pad_id, jnp), ours)
     return {name: tuple(value.shape) for name, value in shapes.items()}
 
@@ -313,7 +288,7 @@ def _num_labels(src: _Source, layout: str, hf_config: Mapping[str, Any]) -> Opti
 
 
 def _fresh(module: eqx.Module, prefix: str) -> dict[str, np.ndarray]:
-    return {f"{prefix}.{name}" if name else prefix: value for name, value in flat_params(module).items()}
+    return {f"{prefix}.{name}" if name else prefix: value for name, value in io.named_arrays(module).items()}
 
 
 def hf_state_to_model(state: Mapping[str, Any], hf_config: Mapping[str, Any], *,
@@ -351,7 +326,7 @@ def hf_state_to_model(state: Mapping[str, Any], hf_config: Mapping[str, Any], *,
     if unused:
         warnings.warn(f"weights: {len(unused)} tensors not used: {', '.join(unused[:8])}"
                       + (" ..." if len(unused) > 8 else ""), stacklevel=2)
-    return cfg, from_flat(shell, params)
+    return cfg, io.from_named(shell, params, "HF weights", allow_extra=True)
 
 
 def _check_tied_decoder(src: _Source, params: dict[str, np.ndarray], layout: str) -> None:

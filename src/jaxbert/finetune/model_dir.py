@@ -19,24 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from . import config as config_lib
-from . import modelcard
-from .config import Config
-from .data.glue import Task
-from .model import BertForClassification, BertModel, encoder_of, with_config
-from .tokenizer import Tokenizer, load_tokenizer
+from .. import config as config_lib
+from .. import io, modelcard
+from ..checkpoint import load_pretrained, pretraining_facts
+from ..config import Config
+from ..data.glue import Task
+from ..model import BertForClassification, BertModel, encoder_of, with_config
+from ..tokenizer import Tokenizer, load_tokenizer
 
 MARK = "finetuned.json"
 WEIGHTS = "model.safetensors"
@@ -104,7 +101,6 @@ def prepare_start(cfg: Config, init: Optional[str], task: Task) -> Start:
         run_cfg = finetune_model_config(cfg, saved.model, saved.model.vocab_size)
         model = eqx.tree_at(lambda m: m.bert, model, with_config(model.bert, "", run_cfg.model))
         return Start(run_cfg, tokenizer, classifier=model, source=str(path))
-    from .checkpoint import load_pretrained
 
     saved, pretrained, tokenizer_path = load_pretrained(path)
     tokenizer = _tokenizer_for(cfg, init, Path(tokenizer_path))
@@ -131,34 +127,31 @@ def _new_classifier(model_cfg: Any, num_labels: int, key: jax.Array,
 # ----------------------------------------------------------------------------------------- save / load
 
 
-def _named(module: Any) -> dict[str, np.ndarray]:
-    named = jax.tree_util.tree_flatten_with_path(module)[0]
-    return {".".join(k.name for k in path): np.asarray(leaf) for path, leaf in named}
+def write_finetuned(directory: Path, cfg: Config, model: BertForClassification, tokenizer: Tokenizer,
+                    meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the files of a finetuned model into the (new, temporary) ``directory``; returns manifest fields."""
+    config_lib.save(cfg, directory)
+    save_file(io.named_arrays(model), str(directory / WEIGHTS), metadata={"format": "jaxbert-classifier"})
+    tokenizer.save(directory / "tokenizer")
+    io.write_json(directory / MARK, {**meta, "num_labels": model.num_labels})
+    facts = pretraining_facts(str(meta.get("init") or "random"))
+    modelcard.write_card(directory, modelcard.finetuned_card(cfg, meta, model.num_labels, init_facts=facts))
+    return {"kind": "finetuned"}
 
 
 def save_classifier(directory: str | Path, cfg: Config, model: BertForClassification, tokenizer: Tokenizer,
                     meta: dict[str, Any]) -> Path:
-    """Write a finetuned model (weights, config, tokenizer, ``finetuned.json``) into ``directory``, atomically."""
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        config_lib.save(cfg, tmp)
-        save_file(_named(model), str(tmp / WEIGHTS), metadata={"format": "jaxbert-classifier"})
-        tokenizer.save(tmp / "tokenizer")
-        (tmp / MARK).write_text(json.dumps({**meta, "num_labels": model.num_labels}, indent=1))
-        modelcard.write_card(tmp, modelcard.finetuned_card(cfg, meta, model.num_labels))
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    """Write a finetuned model (weights, config, tokenizer, ``finetuned.json``, card, manifest) into
+    ``directory``, atomically (an existing one is replaced)."""
+    return io.atomic_dir(Path(directory), lambda tmp: write_finetuned(tmp, cfg, model, tokenizer, meta))
+
+
+def finetuned_dir(path: Path) -> Optional[Path]:
+    """``path`` itself, or its ``best/``, when it is a finetuned-model directory (holds ``finetuned.json``)."""
+    for candidate in (path, path / "best"):
+        if (candidate / MARK).is_file():
+            return candidate
+    return None
 
 
 def load_classifier(directory: str | Path) -> tuple[Config, BertForClassification, Tokenizer, dict[str, Any]]:
@@ -168,15 +161,7 @@ def load_classifier(directory: str | Path) -> tuple[Config, BertForClassificatio
         raise FileNotFoundError(f"'{directory}' is not a finetuned model (no {MARK})")
     meta = json.loads((directory / MARK).read_text())
     cfg = config_lib.load_saved(directory)
-    tensors = load_file(str(directory / WEIGHTS))
     skeleton = eqx.filter_eval_shape(BertForClassification, cfg.model, int(meta["num_labels"]),
                                      key=jax.random.PRNGKey(0))
-    named, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-    leaves = []
-    for path, leaf in named:
-        name = ".".join(k.name for k in path)
-        if name not in tensors or tensors[name].shape != leaf.shape:
-            raise ValueError(f"'{directory / WEIGHTS}': tensor '{name}' is missing or has the wrong shape")
-        leaves.append(jnp.asarray(tensors[name], leaf.dtype))
-    model = jax.tree_util.tree_unflatten(treedef, leaves)
+    model = io.from_named(skeleton, load_file(str(directory / WEIGHTS)), f"'{directory / WEIGHTS}'")
     return cfg, model, load_tokenizer(directory / "tokenizer"), meta
