@@ -194,13 +194,16 @@ def test_prepare_killed_at_random_points_then_rerun_is_byte_identical(reference_
     corpus, reference = reference_cache
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "jaxbert.cli", "prepare", *_prepare_args(corpus, cache)]
-    started = time.perf_counter()
-    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0  # how long a whole run takes
-    whole = time.perf_counter() - started
-    for folder in sorted(cache.iterdir()):
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    times = []
+    for _ in range(2):  # how long a whole run takes: the faster of two (a loaded machine varies)
+        started = time.perf_counter()
+        assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+        times.append(time.perf_counter() - started)
+        for folder in sorted(cache.iterdir()):
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+    whole = min(times)
     rng = random.Random(19)
-    codes = [_kill_after(cmd, rng.uniform(0.3, whole)) for _ in range(4)]
+    codes = [_kill_after(cmd, rng.uniform(0.2 * whole, 0.8 * whole)) for _ in range(4)]
     assert -signal.SIGKILL in codes  # at least one run really was killed
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
