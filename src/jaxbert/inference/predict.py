@@ -2,7 +2,7 @@
 file) and ``jaxbert evaluate`` (dev metrics, no training).
 
 Both read any finetuned model (a finetune run dir, its ``best/``, or an imported HF classifier) and reuse the
-finetuning code's batching and prediction (:func:`jaxbert.finetune.predict`), so a model predicts exactly what
+finetuning code's batching and prediction (:func:`jaxbert.finetune.trainer.predict`), so a model predicts exactly what
 it predicted at the end of its run. Rows come back in input order.
 
 Examples::
@@ -102,7 +102,7 @@ class Predictions:
 def predict_split(model: Any, data: SplitData, tokenizer: Any, *, max_len: int, batch_size: int,
                   pad_multiple: int, policy: Policy, attention: str, progress: bool = False) -> np.ndarray:
     """float32 head outputs of every row of ``data``, in row order, encoded and predicted a chunk of
-    ``CHUNK_BATCHES`` batches at a time (by :func:`jaxbert.finetune.predict`)."""
+    ``CHUNK_BATCHES`` batches at a time (by :func:`jaxbert.finetune.trainer.predict`)."""
     from ..finetune.trainer import predict
 
     chunk = CHUNK_BATCHES * batch_size
