@@ -103,8 +103,8 @@ class Accumulator(eqx.Module):
 
 # The hot steps use jax.jit, not eqx.filter_jit: filter_jit blocks the host until every call has finished
 # (to surface eqx.error_if messages), so Python could never run ahead of the GPU and each call's dispatch left
-# the device idle (measured in benchmarks/RESULTS.md). All their array
-# arguments are pytrees of arrays; the step settings are static.
+# the device idle (measured in benchmarks/RESULTS.md). All their array arguments are pytrees of arrays; the step
+# settings are static.
 @functools.partial(jax.jit, static_argnames="mesh")  # one dispatch instead of ~180 eager zeros
 def zero_accumulator(model: BertForMLM, mesh: Any = None) -> Accumulator:
     grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), model)
