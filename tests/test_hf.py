@@ -3,6 +3,8 @@ CPU, fp32), the packaged all-MiniLM-L6-v2 checkpoint, and one clear error per ki
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import json
 import warnings
@@ -130,6 +132,8 @@ def test_activation_mapping_and_unknown_activation():
         assert model_config_from_hf({**base, "hidden_act": hf_act}).activation == ours
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
         model_config_from_hf({**base, "hidden_act": "relu"})
+    tanh = dataclasses.replace(_model(96, True).config, activation="gelu_tanh")
+    assert hf_config_from_model(tanh, pad_id=0)["hidden_act"] == "gelu_pytorch_tanh"  # torch's fused tanh GELU
 
 
 # --- import from HF directories written by transformers ---------------------------------------------------------

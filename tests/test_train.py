@@ -212,3 +212,30 @@ def test_time_budget_mode_stops_at_the_budget_and_anneals_lr(cfg, ids):
     assert reason == "done" and progress.elapsed_seconds >= 3.0 and progress.step > 1
     lrs = [m["lr"] for m in logs]
     assert lrs[0] == pytest.approx(1e-2, rel=0.2) and lrs[-1] < lrs[0]  # the schedule follows elapsed time
+
+
+def test_single_step_equals_the_accumulating_path(cfg, ids):
+    """k = 1 takes one fused program; it gives the numbers of zero_accumulator + micro_step + apply_step."""
+    spec = make_spec(cfg, SPECIAL, MASK_ID)
+    fused = init_state(cfg, key=jax.random.PRNGKey(3))
+    stepwise = init_state(cfg, key=jax.random.PRNGKey(3))
+    for _ in range(3):
+        fused, fm = train_step(fused, [ids[:4]], 1e-2, spec)  # one micro-batch: single_step
+        accum = micro_step(stepwise, zero_accumulator(stepwise.model), jnp.asarray(ids[:4]), jnp.int32(0), spec)
+        stepwise, _, sm = apply_step(jnp.float32(1e-2), stepwise, accum, spec)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(stepwise)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-7)
+    assert float(fm["loss"]) == pytest.approx(float(sm["loss"]), rel=1e-6)
+    assert int(fused.step) == 3
+
+
+def test_compilation_in_the_middle_of_a_run_is_not_training_time():
+    """The clock sums JAX's trace/lower/compile events while open, and stops listening when closed."""
+    from jaxbert.train import CompileClock
+
+    with CompileClock() as clock:
+        jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.25)(jnp.arange(7.0)).block_until_ready()
+    seen = clock.seconds
+    assert seen > 0.0
+    jax.jit(lambda x: jnp.cos(x) * 2.0 - 0.5)(jnp.arange(9.0)).block_until_ready()
+    assert clock.seconds == seen

@@ -9,7 +9,9 @@ buffers donated; nothing waits for the device between steps.
 * MLM pretraining accumulates: one optimizer step is ``k`` calls of :func:`micro_step` (forward/backward on one
   micro-batch, gradients of the *summed* loss added into a carried float32 :class:`Accumulator`) followed by one
   :func:`apply_step` (divide by the number of predictions, then the update). ``k`` may change from step to step
-  (the batch-size ramp) without recompiling anything.
+  (the batch-size ramp) without recompiling anything. A step of one micro-batch takes :func:`single_step` (the
+  same numbers in one program, no gradient buffer); compilation in the middle of a run is not counted as
+  training time (:class:`CompileClock`).
 
 Masking happens inside the step: the state's key is split once per optimizer step, and each row's mask is drawn
 from ``fold_in(mask_key, row index within the step)``, so a step's masks do not depend on how its batch is cut
@@ -169,13 +171,9 @@ def pretraining_sums(model: Any, ids: jax.Array, batch: MLMBatch, spec: StepSpec
     return total, (sums["predictions"], sums["mlm_correct"])
 
 
-@functools.partial(jax.jit, static_argnames="spec", donate_argnums=1)
-def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: jax.Array,
-               spec: StepSpec) -> Accumulator:
-    """Add one micro-batch's gradients (rows ``offset ...`` of the current step) into ``accum``.
-
-    ``accum``, ``ids`` and ``offset`` are donated: pass fresh arrays and use the returned accumulator.
-    """
+def _micro_grads(state: TrainState, ids: jax.Array, offset: jax.Array,
+                 spec: StepSpec) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+    """(float32 gradients of the summed loss, summed loss, predictions, correct) of one micro-batch."""
     _, mask_key, dropout_key = _step_keys(state.key)
     batch = mask_rows(ids, mask_key, offset, spec)
     slots = float(ids.shape[0] * spec.max_predictions)  # keeps the backward pass at mean-loss magnitude
@@ -186,8 +184,19 @@ def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: ja
         return state.loss_scale.scale_loss(total / slots), (total, aux)
 
     grads, (total, (weight, correct)) = eqx.filter_grad(scaled_loss, has_aux=True)(state.model)
-    grads = state.loss_scale.unscale(grads)
-    summed = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * slots, accum.grads, grads)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32) * slots, state.loss_scale.unscale(grads))
+    return grads, total, weight, correct
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnums=1)
+def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: jax.Array,
+               spec: StepSpec) -> Accumulator:
+    """Add one micro-batch's gradients (rows ``offset ...`` of the current step) into ``accum``.
+
+    ``accum``, ``ids`` and ``offset`` are donated: pass fresh arrays and use the returned accumulator.
+    """
+    grads, total, weight, correct = _micro_grads(state, ids, offset, spec)
+    summed = jax.tree.map(jnp.add, accum.grads, grads)
     return constrain(Accumulator(summed, accum.loss_sum + total, accum.weight_sum + weight,
                                  accum.correct_sum + correct), spec.mesh)
 
@@ -222,11 +231,28 @@ def update(state: TrainState, grads: Any, lr: jax.Array, settings: AdamWSettings
 def apply_step(lr: jax.Array, state: TrainState, accum: Accumulator,
                spec: StepSpec) -> tuple[TrainState, Accumulator, dict[str, jax.Array]]:
     """Average the accumulated gradients and update (or skip, when they are not finite); reset ``accum``."""
+    new_state, metrics = _finish(lr, state, accum, spec)
+    return constrain(new_state, spec.mesh), constrain(jax.tree.map(jnp.zeros_like, accum), spec.mesh), metrics
+
+
+def _finish(lr: jax.Array, state: TrainState, accum: Accumulator,
+            spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The update of :func:`apply_step` from summed gradients (shared with :func:`single_step`)."""
     count = jnp.maximum(accum.weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / count, accum.grads)
     new_state, metrics = update(state, grads, lr, spec.optimizer, jnp.isfinite(accum.loss_sum))
-    metrics = {"loss": accum.loss_sum / count, "accuracy": accum.correct_sum / count, **metrics}
-    return constrain(new_state, spec.mesh), constrain(jax.tree.map(jnp.zeros_like, accum), spec.mesh), metrics
+    return new_state, {"loss": accum.loss_sum / count, "accuracy": accum.correct_sum / count, **metrics}
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnums=1)
+def single_step(lr: jax.Array, state: TrainState, ids: jax.Array,
+                spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
+    """A whole optimizer step on one micro-batch (``k = 1``): :func:`micro_step` then :func:`apply_step` in one
+    program, with no float32 gradient buffer to zero, add into and clear (the same numbers: adding into zeros
+    is exact). ``state`` is donated."""
+    grads, total, weight, correct = _micro_grads(state, ids, jnp.int32(0), spec)
+    new_state, metrics = _finish(lr, state, Accumulator(grads, total, weight, correct), spec)
+    return constrain(new_state, spec.mesh), metrics
 
 
 class Objective(Protocol):
@@ -260,7 +286,10 @@ def fused_step(state: TrainState, batch: Any, lr: jax.Array, objective: Objectiv
 
 def train_step(state: TrainState, micro_batches: Sequence[jax.Array], lr: float,
                spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step over the given micro-batches (all of one size); a convenience for tests and tools."""
+    """One optimizer step over the given micro-batches (all of one size); a convenience for tests and tools.
+    One micro-batch takes :func:`single_step`, as the training loop does."""
+    if len(micro_batches) == 1:
+        return single_step(jnp.float32(lr), state, jnp.asarray(micro_batches[0]), spec)
     accum = zero_accumulator(state.model, spec.mesh)
     for i, ids in enumerate(micro_batches):
         accum = micro_step(state, accum, jnp.asarray(ids), jnp.int32(i * len(ids)), spec)
@@ -322,13 +351,44 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
     ``micro_batches`` yields consecutive micro-batches of training samples starting at ``progress.data_position``.
     Metrics stay on the device and are fetched (averaged) every ``impl.log_every`` steps only.
     """
+    with CompileClock() as compiling:
+        return _run_loop(cfg, state, progress, spec, micro_batches, hooks, on_log, should_stop, compiling)
+
+
+class CompileClock:
+    """Seconds JAX spent tracing, lowering and compiling while the context is open (``jax.monitoring`` events):
+    a step that compiles mid-run (the first accumulating step after ``k = 1`` steps) is not training time."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+
+    def __enter__(self) -> "CompileClock":
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
+              micro_batches: Iterator[jax.Array], hooks: Sequence[Periodic],
+              on_log: Callable[[int, dict[str, float]], None], should_stop: Callable[[], bool],
+              compiling: CompileClock) -> tuple[TrainState, Progress, str]:
     t, mb = cfg.train, cfg.train.micro_batch
-    schedule, pending, excluded = schedule_for(t), [], 0.0  # excluded: seconds of compilation and hooks
+    schedule, pending, excluded = schedule_for(t), [], 0.0  # excluded: seconds of the first step and hooks
     start, base_elapsed, last_log = time.perf_counter(), progress.elapsed_seconds, time.perf_counter()
     start_step = progress.step
-    accum, reason = zero_accumulator(state.model, spec.mesh), "done"
+    accum: Optional[Accumulator] = None
+    reason = "done"
     while True:
-        elapsed = base_elapsed + time.perf_counter() - start - excluded
+        elapsed = base_elapsed + time.perf_counter() - start - excluded - compiling.seconds
         fraction = progress_at(t, progress.step, elapsed)
         if t.budget_minutes is not None and fraction >= 1:  # the clock at the stop (logging ran since the step)
             progress = Progress(progress.step, progress.data_position, max(elapsed, progress.elapsed_seconds))
@@ -339,14 +399,21 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
             reason = "stopped"
             break
         k = micro_batches_at(t, fraction)
-        for i in range(k):
-            accum = micro_step(state, accum, jnp.asarray(next(micro_batches)), jnp.int32(i * mb), spec)
-        state, accum, metrics = apply_step(jnp.float32(schedule(fraction)), state, accum, spec)
+        lr = jnp.float32(schedule(fraction))
+        if k == 1:
+            state, metrics = single_step(lr, state, jnp.asarray(next(micro_batches)), spec)
+        else:
+            if accum is None:  # the float32 gradient buffer exists only once a step accumulates
+                accum = zero_accumulator(state.model, spec.mesh)
+            for i in range(k):
+                accum = micro_step(state, accum, jnp.asarray(next(micro_batches)), jnp.int32(i * mb), spec)
+            state, accum, metrics = apply_step(lr, state, accum, spec)
         timed = k * mb  # samples counted for throughput
         if progress.step == start_step:  # the first step compiles: neither training time nor throughput
             jax.block_until_ready(metrics)
             excluded, last_log, timed = time.perf_counter() - start, time.perf_counter(), 0
-        elapsed = base_elapsed + time.perf_counter() - start - excluded
+            compiling.seconds = 0.0  # inside the first step's excluded time already
+        elapsed = base_elapsed + time.perf_counter() - start - excluded - compiling.seconds
         progress = Progress(progress.step + 1, progress.data_position + k * mb, elapsed)
         pending.append((metrics, k * mb, timed))
         if len(pending) >= max(cfg.impl.log_every, 1):
@@ -354,11 +421,12 @@ def run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec,
             on_log(progress.step, _summarise(pending, now - last_log, cfg.data.seq_len, fraction))
             last_log, pending = now, []
             _check_skipped(state, t.max_skipped_steps)
-        hook_start = time.perf_counter()
+        hook_start, compiled_before = time.perf_counter(), compiling.seconds
         for hook in hooks:
             if hook.every > 0 and progress.step % hook.every == 0:
                 hook.fn(state, progress)
         excluded += time.perf_counter() - hook_start
+        compiling.seconds = compiled_before  # a hook's compilation is in its excluded time already
         last_log += time.perf_counter() - hook_start  # throughput is of training alone
     if pending:
         on_log(progress.step, _summarise(pending, time.perf_counter() - last_log, cfg.data.seq_len,
