@@ -10,4 +10,7 @@ for act in gelu gelu_tanh; do
     > "$logs/gelu-$act.log" 2>&1 &
 done
 wait
-for act in gelu gelu_tanh; do echo "== $act"; grep -h "held-out MLM" "$logs/gelu-$act.log"; done
+for act in gelu gelu_tanh; do
+  cp /tmp/q/gelu-$act/metrics.jsonl "$logs/gelu-$act-metrics.jsonl" 2>/dev/null  # the curves (eval every 500)
+  echo "== $act"; grep -h "held-out MLM" "$logs/gelu-$act.log"
+done

@@ -13,6 +13,7 @@ out=/tmp/q/$name
 SKIP_GLUE=1 bash benchmarks/budget_run.sh scratch/budget/wiki /tmp/glue "$minutes" "$out" "$@" \
   > "$logs/$name-pretrain.log" 2>&1
 run=$out/run-${minutes}m
+cp "$run/metrics.jsonl" "$logs/$name-metrics.jsonl" 2>/dev/null  # the loss curve and throughput per log step
 pids=()
 for seed in 0 1; do
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 jaxbert finetune --task mnli --init "$run" --glue-dir /tmp/glue --config budget \
