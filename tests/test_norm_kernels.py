@@ -124,7 +124,8 @@ def test_model_with_pallas_norms_equals_xla_norms(precision, tol):
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=tol)
     for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         scale = float(np.max(np.abs(np.asarray(r)))) + 1e-6
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=tol * scale, rtol=tol, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=tol * scale, rtol=tol,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_pre_ln_stack_equals_textbook_pre_ln():

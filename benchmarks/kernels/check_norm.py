@@ -5,7 +5,8 @@
 1. Correctness, bf16, rows = 256 * 128, widths 768 and 512 (and 200: padded, masked): the Pallas kernel against
    the XLA reference, forward (s, y) and backward (ds, d_scale, d_bias), both also against a float32 computation
    on the same inputs (from s = x + h rounded to bf16). PASS when the kernel's error from float32 is at most 2x
-   the reference's plus one bf16 ulp of the largest value, and s = x + h exactly; the plain LayerNorm (no h) likewise. Float32 inputs: kernel vs reference, tight.
+   the reference's plus one bf16 ulp of the largest value, and s = x + h exactly; the plain LayerNorm (no h)
+   likewise. Float32 inputs: kernel vs reference, tight.
 2. Model: BERT-base shape with 2 layers, batch 8 x 128, MLM loss and all gradients with impl.norm=pallas vs xla,
    bf16 (each against an fp32 run, same 2x rule) and fp32 (pallas vs xla, tight).
 3. Timing, median of --iters runs after warm-up (jax.block_until_ready each): forward + backward of add+LN,

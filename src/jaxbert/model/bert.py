@@ -4,6 +4,10 @@ Layer parameters are stored stacked along a leading ``layers`` axis and applied 
 (unrolled by default, which is faster on GPU; ``unroll=1`` keeps a rolled loop whose compile time does not grow
 with depth). :meth:`BertModel.unrolled` applies the same layers one by one and
 serves as the reference in tests.
+
+Pre-LN, the scan carries a pair (residual stream, last feed-forward output not yet added): every residual add
+happens inside the LayerNorm after it (one kernel with ``impl.norm=pallas``, :mod:`jaxbert.model.norm_kernels`),
+the last one inside the final LayerNorm. (With ``remat`` each layer keeps two hidden-sized inputs, not one.)
 """
 
 from __future__ import annotations
@@ -61,10 +65,10 @@ class BertModel(eqx.Module):
 
         ``mask``: True for real tokens, False for padding; None when there is no padding. ``attention``: the
         kernels (:class:`~jaxbert.config.Kernels`; a plain name: the attention's, with XLA LayerNorms).
-        ``unroll``: how far the scan over layers is unrolled (True: completely). A rolled loop keeps compile time flat in depth but
-        on GPU it made BERT-base's training step 28% slower (per-layer activations copied into stacked buffers,
-        zero-filled gradient stacks, a host round trip per iteration; see benchmarks/RESULTS.md), while the
-        unrolled one compiled as fast at 12 layers.
+        ``unroll``: how far the scan over layers is unrolled (True: completely). A rolled loop keeps compile time
+        flat in depth but on GPU it made BERT-base's training step 28% slower (per-layer activations copied into
+        stacked buffers, zero-filled gradient stacks, a host round trip per iteration; see benchmarks/RESULTS.md),
+        while the unrolled one compiled as fast at 12 layers.
         """
         cfg, kernels = self.config, Kernels.of(attention)
         k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
