@@ -145,7 +145,7 @@ def time_train_step(cfg: Config, warmup: int, steps: int, profile_dir: Optional[
 _CATEGORIES = (("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
                ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "matmul", "dot")),
                ("scatter/gather", ("scatter", "gather", "dynamic")),
-               ("reduce/LN fusion", ("reduce", "input_fusion")),
+               ("reduce/LN fusion", ("reduce", "input_fusion", "layer_norm")),
                ("elementwise fusion", ("fusion", "loop", "convert", "add", "copy", "transpose")))
 
 
@@ -196,7 +196,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     result: dict[str, Any] = {"side": "jaxbert", "config": args.config, "batch": args.batch, "seq": args.seq,
                               "micro_batch": cfg.train.micro_batch, "precision": args.precision,
-                              "attention": cfg.impl.attention, "jax": jax.__version__,
+                              "attention": cfg.impl.attention, "norm": cfg.impl.norm, "jax": jax.__version__,
                               "device": jax.devices()[0].device_kind,
                               "xla_flags": os.environ.get("XLA_FLAGS", ""), "overrides": list(args.overrides),
                               "source": str(Path(__file__).resolve().parent)}

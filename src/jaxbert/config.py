@@ -176,10 +176,27 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class Kernels:
+    """The kernel choices of the model's forward pass, one static (hashable) value: ``impl.attention`` and
+    ``impl.norm``. Model functions take it where they take an attention implementation name; a plain name
+    stands for ``Kernels(attention=name)``."""
+
+    attention: str = "auto"
+    norm: str = "xla"
+
+    @staticmethod
+    def of(value: "str | Kernels") -> "Kernels":
+        return value if isinstance(value, Kernels) else Kernels(attention=value)
+
+
+@dataclass(frozen=True)
 class ImplConfig:
     """Settings that change speed, never results."""
 
     attention: str = "auto"  # auto | xla | cudnn
+    # LayerNorm (with the residual add before it, pre-LN): auto (the Pallas kernel on one GPU for 16-bit
+    # compute, else XLA) | xla | pallas (jaxbert.model.norm_kernels)
+    norm: str = "xla"
     remat: bool = False  # recompute layer activations in the backward pass (saves memory)
     prefetch: int = 2  # batches prepared ahead by the loader thread
     workers: int = 0  # tokenizer threads for preparation (0: all cores)
@@ -196,6 +213,11 @@ class ImplConfig:
     # XLA flags put ahead of $XLA_FLAGS (which wins) by apply_xla_flags before JAX starts its backend (the
     # default prefers cuBLAS to Triton matmuls: benchmarks/RESULTS.md)
     xla_flags: str = "--xla_gpu_enable_triton_gemm=false"
+
+    @property
+    def kernels(self) -> Kernels:
+        """What the model functions take as their ``attention`` argument."""
+        return Kernels(self.attention, self.norm)
 
 
 def apply_xla_flags(impl: ImplConfig) -> None:
@@ -339,6 +361,7 @@ def validate(cfg: Config) -> Config:
     _check(f.lr > 0, "finetune.lr", "must be positive")
     _check(i.pad_multiple > 0, "impl.pad_multiple", "must be positive")
     _check(i.attention in ("auto", "xla", "cudnn"), "impl.attention", f"expected auto|xla|cudnn, got {i.attention!r}")
+    _check(i.norm in ("auto", "xla", "pallas"), "impl.norm", f"expected auto|xla|pallas, got {i.norm!r}")
     _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
     _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")
     return cfg

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from .checkpoint import Progress
-from .config import Config
+from .config import Config, Kernels
 from .data.mlm import MLMBatch, mask_tokens
 from .distributed import constrain
 from .model import BertForMLM, mlm_of, pretraining_model
@@ -54,7 +54,7 @@ class StepSpec:
     mlm_probability: float
     max_predictions: int
     optimizer: AdamWSettings
-    attention: str = "auto"
+    attention: str | Kernels = "auto"  # the model's kernels (impl.attention, impl.norm)
     remat: bool = False
     mesh: Any = None  # a jax.sharding.Mesh: the steps pin state/accumulator shardings to it (jaxbert.distributed)
     objective: str = "mlm"  # "mlm" or "electra" (train.objective)
@@ -62,10 +62,10 @@ class StepSpec:
 
 
 def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any = None) -> StepSpec:
-    """The step settings of a run: precision, masking (ids from the tokenizer), attention implementation."""
+    """The step settings of a run: precision, masking (ids from the tokenizer), kernel implementations."""
     return StepSpec(Policy.from_name(cfg.train.precision), tuple(int(i) for i in special_ids), int(mask_id),
                     cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
-                    AdamWSettings.of(cfg.train), cfg.impl.attention, cfg.impl.remat, mesh,
+                    AdamWSettings.of(cfg.train), cfg.impl.kernels, cfg.impl.remat, mesh,
                     objective=cfg.train.objective, electra_weight=cfg.train.electra_weight)
 
 

@@ -96,7 +96,7 @@ def predict_ax(mnli: FinetuneResult, echo: Echo) -> Optional[Path]:
     data = read_split(ax, "test", cfg.finetune.glue_dir)
     enc = encode_split(data, mnli.tokenizer, cfg.finetune.max_len)
     outputs = predict(mnli.model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len,
-                      Policy.from_name(cfg.finetune.precision), cfg.impl.attention)
+                      Policy.from_name(cfg.finetune.precision), cfg.impl.kernels)
     path = write_glue_tsv(mnli.run_dir / "predictions" / "AX.tsv", data.index, prediction_strings(ax, outputs))
     echo(f"AX: wrote {len(data)} predictions of the MNLI model to {path}")
     return path

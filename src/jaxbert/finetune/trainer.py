@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .. import config as config_lib
 from .. import distributed, io
 from .model_dir import Start, build_classifier, prepare_start, save_classifier
-from ..config import Config
+from ..config import Config, Kernels
 from ..data.glue import Task
 from ..data.loader import Prefetcher
 from ..data.pairs import Batch, Encoded, eval_batches, steps_per_epoch, train_batches
@@ -81,7 +81,7 @@ class ClassificationLoss:
     """The finetuning objective of :func:`jaxbert.train.fused_step` (static: hashable settings only)."""
 
     policy: Policy
-    attention: str
+    attention: str | Kernels  # the model's kernels (impl.attention, impl.norm)
 
     def loss(self, model: BertForClassification, batch: tuple,
              key: Optional[jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -121,7 +121,7 @@ def dev_metrics(model: BertForClassification, task: Task, dev: dict[str, Encoded
     """``{dev split: {metric: value}}``; every batch padded to ``finetune.max_len`` (one compiled step)."""
     results = {}
     for split, enc in dev.items():
-        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len, policy, cfg.impl.attention)
+        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len, policy, cfg.impl.kernels)
         results[split] = compute(task.metrics, decide(task, outputs), enc.labels)
     return results
 
@@ -227,7 +227,7 @@ def plan_run(cfg: Config, data: TaskData) -> Plan:
     policy = Policy.from_name(f.precision)
     total = steps_per_epoch(len(data.train), f.batch_size) * f.epochs
     lrs = np.asarray(one_cycle(f.lr, f.warmup_fraction, 0.0)(np.arange(total) / total), np.float32)
-    return Plan(cfg, lrs, ClassificationLoss(policy, cfg.impl.attention), AdamWSettings.of(f), policy,
+    return Plan(cfg, lrs, ClassificationLoss(policy, cfg.impl.kernels), AdamWSettings.of(f), policy,
                 distributed.finetuning_mesh(cfg))  # every local device, data parallel
 
 
@@ -352,7 +352,7 @@ def predict_tests(model: BertForClassification, task: Task, data: TaskData, cfg:
     written = {}
     policy = Policy.from_name(cfg.finetune.precision)
     for split, (index, enc) in data.test.items():
-        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len, policy, cfg.impl.attention)
+        outputs = predict(model, enc, cfg.finetune.eval_batch_size, cfg.finetune.max_len, policy, cfg.impl.kernels)
         name = task.submission_name(split)
         written[name] = write_glue_tsv(folder / f"{name}.tsv", index, prediction_strings(task, outputs))
         echo(f"{task.name}: wrote {len(index)} {split} predictions to {written[name]}")

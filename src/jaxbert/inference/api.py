@@ -67,7 +67,7 @@ class Model:
         outputs = predict_split(self.model, data, self.tokenizer, max_len=cfg.finetune.max_len,
                                 batch_size=batch_size or cfg.finetune.eval_batch_size,
                                 pad_multiple=cfg.impl.pad_multiple, policy=self._policy(precision),
-                                attention=cfg.impl.attention, progress=progress)
+                                attention=cfg.impl.kernels, progress=progress)
         return Predictions(outputs, self.task.labels)
 
     def predict(self, inputs: Sequence[str | tuple[str, str]], **options: Any) -> Any:
@@ -88,7 +88,7 @@ class Model:
         from .fill_mask import fill_mask
 
         return fill_mask(mlm_of(self.model), self.tokenizer, text, top_k,
-                         policy=Policy.from_name(precision or "fp32"), attention=self.config.impl.attention)
+                         policy=Policy.from_name(precision or "fp32"), attention=self.config.impl.kernels)
 
     def encode(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = False,
                max_len: Optional[int] = None, batch_size: int = 128, precision: Optional[str] = None,
@@ -98,7 +98,7 @@ class Model:
 
         return embed(encoder_of(self.model), self.tokenizer, texts, pooling=pooling, normalize=normalize,
                      max_len=max_len, batch_size=batch_size, pad_multiple=self.config.impl.pad_multiple,
-                     policy=Policy.from_name(precision or "fp32"), attention=self.config.impl.attention,
+                     policy=Policy.from_name(precision or "fp32"), attention=self.config.impl.kernels,
                      progress=progress)
 
 

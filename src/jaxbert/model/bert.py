@@ -4,18 +4,22 @@ Layer parameters are stored stacked along a leading ``layers`` axis and applied 
 (unrolled by default, which is faster on GPU; ``unroll=1`` keeps a rolled loop whose compile time does not grow
 with depth). :meth:`BertModel.unrolled` applies the same layers one by one and
 serves as the reference in tests.
+
+Pre-LN, the scan carries a pair (residual stream, last feed-forward output not yet added): every residual add
+happens inside the LayerNorm after it (one kernel with ``impl.norm=pallas``, :mod:`jaxbert.model.norm_kernels`),
+the last one inside the final LayerNorm. (With ``remat`` each layer keeps two hidden-sized inputs, not one.)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
-from ..config import ModelConfig
+from ..config import Kernels, ModelConfig
 from ..precision import Policy
 from .layers import Dense, EncoderLayer, Embeddings, LayerNorm, dropout
 
@@ -38,52 +42,63 @@ class BertModel(eqx.Module):
         self.config = cfg
 
     def _embed(self, input_ids: Array, segment_ids: Optional[Array], policy: Policy,
-               key: Optional[PRNGKeyArray]) -> Array:
+               key: Optional[PRNGKeyArray], kernels: Kernels) -> Any:
+        """The embeddings, as the first layer takes them: pre-LN, a pair (stream, pending branch output)."""
         if segment_ids is None:
             segment_ids = jnp.zeros_like(input_ids)
-        x = self.embeddings(input_ids, segment_ids, policy.compute_dtype)
-        return dropout(x, self.config.dropout, key)
+        x = dropout(self.embeddings(input_ids, segment_ids, policy.compute_dtype, kernels.norm), self.config.dropout,
+                    key)
+        return x if self.config.post_ln else (x, jnp.zeros_like(x))
+
+    def _finish(self, carry: Any, kernels: Kernels) -> Array:
+        """The last layer's output; pre-LN, its pending residual add fused into the final LayerNorm."""
+        if self.final_norm is None:
+            return carry
+        stream, pending = carry
+        return self.final_norm.add(stream, pending, kernels.norm)[1]
 
     def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Int[Array, "b s"]] = None,
                  mask: Optional[Bool[Array, "b s"]] = None, *, key: Optional[PRNGKeyArray] = None,
-                 policy: Policy = Policy(), attention: str = "auto", remat: bool = False,
+                 policy: Policy = Policy(), attention: str | Kernels = "auto", remat: bool = False,
                  unroll: int | bool = True) -> Array:
         """Hidden states of the last layer (after the final LayerNorm in pre-LN mode), compute dtype.
 
-        ``mask``: True for real tokens, False for padding; None when there is no padding. ``unroll``: how far
-        the scan over layers is unrolled (True: completely). A rolled loop keeps compile time flat in depth but
-        on GPU it made BERT-base's training step 28% slower (per-layer activations copied into stacked buffers,
-        zero-filled gradient stacks, a host round trip per iteration; see benchmarks/RESULTS.md), while the
-        unrolled one compiled as fast at 12 layers.
+        ``mask``: True for real tokens, False for padding; None when there is no padding. ``attention``: the
+        kernels (:class:`~jaxbert.config.Kernels`; a plain name: the attention's, with XLA LayerNorms).
+        ``unroll``: how far the scan over layers is unrolled (True: completely). A rolled loop keeps compile time
+        flat in depth but on GPU it made BERT-base's training step 28% slower (per-layer activations copied into
+        stacked buffers, zero-filled gradient stacks, a host round trip per iteration; see benchmarks/RESULTS.md),
+        while the unrolled one compiled as fast at 12 layers.
         """
-        cfg = self.config
+        cfg, kernels = self.config, Kernels.of(attention)
         k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
-        x = self._embed(input_ids, segment_ids, policy, k_emb)
+        x = self._embed(input_ids, segment_ids, policy, k_emb, kernels)
         params, static = eqx.partition(self.layers, eqx.is_array)
         layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.layers)
 
-        def body(h: Array, inputs: tuple) -> tuple[Array, None]:
+        def body(h: Any, inputs: tuple) -> tuple[Any, None]:
             layer_params, layer_key = inputs
             layer = eqx.combine(layer_params, static)
-            return layer(h, mask, cfg, attention, layer_key, policy.fp8), None
+            return layer(h, mask, cfg, kernels, layer_key, policy.fp8), None
 
         if remat:
             body = jax.checkpoint(body)  # type: ignore[assignment]
         x, _ = jax.lax.scan(body, x, (params, layer_keys), unroll=unroll)
-        return x if self.final_norm is None else self.final_norm(x)
+        return self._finish(x, kernels)
 
     def unrolled(self, input_ids: Array, segment_ids: Optional[Array] = None, mask: Optional[Array] = None, *,
-                 key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(), attention: str = "auto") -> Array:
+                 key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(),
+                 attention: str | Kernels = "auto") -> Array:
         """The same computation as ``__call__`` with a Python loop over layers (a test reference)."""
-        cfg = self.config
+        cfg, kernels = self.config, Kernels.of(attention)
         k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
-        x = self._embed(input_ids, segment_ids, policy, k_emb)
+        x = self._embed(input_ids, segment_ids, policy, k_emb, kernels)
         params, static = eqx.partition(self.layers, eqx.is_array)
         layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.layers)
         for i in range(cfg.layers):
             layer = eqx.combine(jax.tree.map(lambda a: a[i], params), static)
-            x = layer(x, mask, cfg, attention, None if layer_keys is None else layer_keys[i], policy.fp8)
-        return x if self.final_norm is None else self.final_norm(x)
+            x = layer(x, mask, cfg, kernels, None if layer_keys is None else layer_keys[i], policy.fp8)
+        return self._finish(x, kernels)
 
     def pool(self, hidden: Array) -> Array:
         """BERT's pooled output: tanh of a dense layer on the first ([CLS]) position."""

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ..config import ModelConfig
+from ..config import Kernels, ModelConfig
 from ..precision import Policy
 from .bert import BertModel
 from .layers import Dense, LayerNorm, activation, cpu_half_workaround, dropout
@@ -27,9 +27,9 @@ class MLMHead(eqx.Module):
         self.norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
         self.bias = jnp.zeros((cfg.vocab_size,), jnp.float32)
 
-    def __call__(self, hidden: Array, token_embedding: Array, act: str) -> Float[Array, "... vocab"]:
-        """float32 logits for every vector in ``hidden`` (``(..., hidden)``)."""
-        h = self.norm(activation(self.transform(hidden), act))
+    def __call__(self, hidden: Array, token_embedding: Array, act: str, norm: str = "xla") -> Float[Array, "... vocab"]:
+        """float32 logits for every vector in ``hidden`` (``(..., hidden)``); ``norm``: the LayerNorm's kernel."""
+        h = self.norm(activation(self.transform(hidden), act), norm)
         (h,) = cpu_half_workaround(h)
         return decode(h, token_embedding) + self.bias
 
@@ -77,13 +77,13 @@ class BertForMLM(eqx.Module):
 
     def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Array] = None,
                  mask: Optional[Array] = None, positions: Optional[Int[Array, "b m"]] = None, *,
-                 key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(), attention: str = "auto",
+                 key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(), attention: str | Kernels = "auto",
                  remat: bool = False) -> Float[Array, "b n vocab"]:
         """float32 MLM logits; at every position, or only at ``positions`` (sparse prediction, ``(b, m)``)."""
         hidden = self.bert(input_ids, segment_ids, mask, key=key, policy=policy, attention=attention, remat=remat)
         if positions is not None:
             hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-        return self.mlm(hidden, self.bert.embeddings.token, self.config.activation)
+        return self.mlm(hidden, self.bert.embeddings.token, self.config.activation, Kernels.of(attention).norm)
 
 
 class BertForClassification(eqx.Module):
@@ -106,7 +106,7 @@ class BertForClassification(eqx.Module):
 
     def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Array] = None,
                  mask: Optional[Array] = None, *, key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(),
-                 attention: str = "auto") -> Float[Array, "b labels"]:
+                 attention: str | Kernels = "auto") -> Float[Array, "b labels"]:
         k_enc, k_drop = (None, None) if key is None else jax.random.split(key)
         hidden = self.bert(input_ids, segment_ids, mask, key=k_enc, policy=policy, attention=attention)
         pooled = dropout(self.bert.pool(hidden), self.config.dropout, k_drop)

@@ -1,5 +1,8 @@
 """Building blocks of the encoder: dense, LayerNorm, embeddings, attention, feed-forward, one encoder layer.
 
+LayerNorm's math (and its Pallas kernel, fused with the residual add before it) is in
+:mod:`jaxbert.model.norm_kernels`.
+
 All modules work on whole batches, ``(batch, seq, hidden)``. Parameters are float32; each call casts them to
 the compute dtype of the given :class:`~jaxbert.precision.Policy`. LayerNorm statistics and softmax run in
 float32. Dropout is active only when a PRNG key is passed (``key=None`` means deterministic inference).
@@ -16,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..config import ModelConfig
+from ..config import Kernels, ModelConfig
 from .fp8 import fp8_matmul
+from .norm_kernels import add_layer_norm, layer_norm
 
 
 def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
@@ -101,40 +105,13 @@ class LayerNorm(eqx.Module):
         self.bias = jnp.zeros((dim,), jnp.float32)
         self.eps = eps
 
-    def __call__(self, x: Array) -> Array:
-        return layer_norm(x, self.scale, self.bias, self.eps)
+    def __call__(self, x: Array, implementation: str = "xla") -> Array:
+        """``implementation``: see :mod:`jaxbert.model.norm_kernels`."""
+        return layer_norm(x, self.scale, self.bias, self.eps, implementation)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-    """LayerNorm over the last axis with float32 statistics; the output has ``x``'s dtype.
-
-    The backward pass keeps ``x`` (compute dtype) and two float32 numbers per row, and recomputes the
-    normalised values; autodiff would keep float32 copies of the whole activation instead.
-    """
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_fwd(x: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, tuple]:
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
-    y = (x32 - mean) * rstd * scale + bias
-    return y.astype(x.dtype), (x, mean, rstd, scale)
-
-
-def _layer_norm_bwd(eps: float, res: tuple, g: Array) -> tuple[Array, Array, Array]:
-    x, mean, rstd, scale = res
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    g32 = g.astype(jnp.float32)
-    rows = tuple(range(x.ndim - 1))
-    d_scale, d_bias = jnp.sum(g32 * xhat, axis=rows), jnp.sum(g32, axis=rows)
-    gs = g32 * scale
-    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
-    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+    def add(self, x: Array, h: Array, implementation: str = "xla") -> tuple[Array, Array]:
+        """``(s, self(s))`` with ``s = x + h``: the residual add fused into the LayerNorm by the Pallas kernel."""
+        return add_layer_norm(x, h, self.scale, self.bias, self.eps, implementation)
 
 
 class Embeddings(eqx.Module):
@@ -152,10 +129,11 @@ class Embeddings(eqx.Module):
         self.segment = trunc_normal(k3, (cfg.type_vocab_size, cfg.hidden), cfg.init_std)
         self.norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
 
-    def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Int[Array, "b s"], dtype: jnp.dtype) -> Array:
+    def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Int[Array, "b s"], dtype: jnp.dtype,
+                 norm: str = "xla") -> Array:
         seq = input_ids.shape[1]
         x = jnp.take(self.token, input_ids, axis=0) + self.position[:seq][None] + jnp.take(self.segment, segment_ids, axis=0)
-        return self.norm(x.astype(dtype))
+        return self.norm(x.astype(dtype), norm)
 
 
 def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], implementation: str,
@@ -225,14 +203,25 @@ class EncoderLayer(eqx.Module):
     def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool) -> Array:
         return self.ffn_out(activation(self.ffn_in(x, fp8), cfg.activation), fp8)
 
-    def __call__(self, x: Array, mask: Optional[Array], cfg: ModelConfig, implementation: str,
-                 key: Optional[PRNGKeyArray], fp8: bool = False) -> Array:
-        """``fp8``: the six matmuls of the layer through float8 operands (:mod:`jaxbert.model.fp8`)."""
+    def __call__(self, x: Array | tuple[Array, Array], mask: Optional[Array], cfg: ModelConfig,
+                 implementation: str | Kernels, key: Optional[PRNGKeyArray],
+                 fp8: bool = False) -> Array | tuple[Array, Array]:
+        """One layer. ``implementation``: the :class:`~jaxbert.config.Kernels` (a plain attention name: XLA
+        LayerNorms). ``fp8``: the six matmuls of the layer through float8 operands (:mod:`jaxbert.model.fp8`).
+
+        Post-LN: ``x`` is the hidden states and the layer returns its output. Pre-LN: ``x`` is a pair
+        ``(stream, pending)`` whose sum is the layer's input, and the layer returns the pair for the next one:
+        each residual add happens inside the LayerNorm that follows it (:meth:`LayerNorm.add`, one kernel with
+        ``impl.norm=pallas``), the feed-forward branch's in the next layer or in the final LayerNorm.
+        """
+        kernels = Kernels.of(implementation)
         keys = [None, None, None] if key is None else list(jax.random.split(key, 3))
         if cfg.post_ln:
-            x = self.attn_norm(x + dropout(self._attend(x, mask, cfg, implementation, keys[0], fp8), cfg.dropout,
+            x = self.attn_norm(x + dropout(self._attend(x, mask, cfg, kernels.attention, keys[0], fp8), cfg.dropout,
                                            keys[1]))
             return self.ffn_norm(x + dropout(self._feed_forward(x, cfg, fp8), cfg.dropout, keys[2]))
-        h = self._attend(self.attn_norm(x), mask, cfg, implementation, keys[0], fp8)
-        x = x + dropout(h, cfg.dropout, keys[1])
-        return x + dropout(self._feed_forward(self.ffn_norm(x), cfg, fp8), cfg.dropout, keys[2])
+        stream, pending = x
+        stream, normed = self.attn_norm.add(stream, pending, kernels.norm)
+        h = self._attend(normed, mask, cfg, kernels.attention, keys[0], fp8)
+        stream, normed = self.ffn_norm.add(stream, dropout(h, cfg.dropout, keys[1]), kernels.norm)
+        return stream, dropout(self._feed_forward(normed, cfg, fp8), cfg.dropout, keys[2])
