@@ -17,11 +17,13 @@ from jaxbert import bench, config
 from jaxbert.model import BertModel
 
 
-def test_encoder_flops_are_six_times_the_matmul_weights(tiny_config):
-    model = eqx.filter_eval_shape(BertModel, tiny_config.model, key=jax.random.PRNGKey(0))
+@pytest.mark.parametrize("ffn_type", ["mlp", "glu"])
+def test_encoder_flops_are_six_times_the_matmul_weights(tiny_config, ffn_type):
+    cfg = config.replace(tiny_config, model={"ffn_type": ffn_type})
+    model = eqx.filter_eval_shape(BertModel, cfg.model, key=jax.random.PRNGKey(0))
     layers = model.layers
     weights = sum(d.weight.size for d in (layers.qkv, layers.out, layers.ffn_in, layers.ffn_out))
-    flops = bench.flops_per_token(tiny_config.model, seq=32, predictions=None)
+    flops = bench.flops_per_token(cfg.model, seq=32, predictions=None)
     assert flops["encoder"] == 6 * weights
 
 

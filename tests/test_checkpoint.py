@@ -160,3 +160,22 @@ def test_model_tensors_are_checked_by_name_and_shape(cfg, state):
     extra = dict(tensors, unused=np.zeros(1, np.float32))
     with pytest.raises(CheckpointError, match="unexpected tensors"):
         ckpt.model_from_tensors(cfg, extra)
+
+
+
+def test_bias_free_glu_checkpoint_restores_bitwise_and_needs_the_same_options(tmp_path, tokenizer_dir):
+    from jaxbert.train import make_spec, train_step
+
+    cfg = tiny("model.bias=false", "model.ffn_type=glu", "train.micro_batch=4", "train.batch_start=4",
+               "train.batch_end=4")
+    rows = np.random.default_rng(0).integers(5, 128, (4, 32)).astype(np.int32)
+    state = init_state(cfg, key=jax.random.PRNGKey(0))
+    state, _ = train_step(state, [rows], 1e-2, make_spec(cfg, (0, 1, 2, 3, 4), 4))  # non-zero optimizer moments
+    assert state.model.bert.layers.ffn_out.bias is None
+    _save(tmp_path / "run", cfg, state, 1, tokenizer_dir)
+    restored, progress, _ = ckpt.restore_latest(tmp_path / "run", cfg, _template(cfg))
+    assert progress.step == 1 and _equal(restored, state)
+    for key, value in (("bias", True), ("ffn_type", "mlp")):
+        other = config.replace(cfg, model={key: value})
+        with pytest.raises(CheckpointError, match=f"model.{key}"):
+            ckpt.restore_latest(tmp_path / "run", other, _template(other))

@@ -45,6 +45,7 @@ def test_overrides_apply_with_types():
     (["train.batch_end=100"], "train.batch_end"),  # not a multiple of micro_batch
     (["impl.attention=flash"], "impl.attention"),
     (["impl.norm=pallas_interpret"], "impl.norm"),  # the interpreter is for tests, not a config value
+    (["model.ffn_type=swiglu"], "model.ffn_type"),
     (["data.max_predictions=0"], "data.max_predictions"),
     (["data.seq_len=64", "data.max_predictions=9"], "data.max_predictions"),  # 15% of 64 is 10
 ])

@@ -94,22 +94,27 @@ def test_tiny_electra_learns(tiny_config):
 # ------------------------------------------------------------------------------- in the pretraining core
 
 
-def _electra_config():
+def _electra_config(*extra: str):
     from test_train import OVERRIDES
 
     from jaxbert import config
 
-    return config.load("tiny", OVERRIDES + ["train.objective=electra"])
+    return config.load("tiny", OVERRIDES + ["train.objective=electra", *extra])
 
 
-def test_electra_steps_do_not_depend_on_the_micro_batch_split_and_lower_the_loss():
+@pytest.mark.parametrize("options", [(), ("model.bias=false", "model.ffn_type=glu", "data.whole_word_masking=true")],
+                         ids=["default", "no_bias_glu_wwm"])
+def test_electra_steps_do_not_depend_on_the_micro_batch_split_and_lower_the_loss(options):
     from jaxbert.train import init_state, make_spec, micro_step, train_step, zero_accumulator
 
-    cfg = _electra_config()
-    spec = make_spec(cfg, SPECIAL, MASK)
+    cfg = _electra_config(*options)
+    spec = make_spec(cfg, SPECIAL, MASK, vocab=[f"##{i}" if i % 3 == 2 else f"w{i}" for i in range(128)])
     ids = np.random.default_rng(0).integers(5, 128, (8, 32)).astype(np.int32)
     state = init_state(cfg, key=jax.random.PRNGKey(0))
     assert isinstance(state.model, ElectraForPretraining)
+    if options:  # the options reach both networks: no encoder Dense bias, an ffn_in of 2 * ffn columns
+        for bert in (state.model.generator.bert, state.model.discriminator):
+            assert bert.layers.qkv.bias is None and bert.layers.ffn_in.weight.shape[-1] == 2 * bert.config.ffn
     halves = zero_accumulator(state.model)
     for i in (0, 4):
         halves = micro_step(state, halves, jnp.asarray(ids[i:i + 4]), jnp.int32(i), spec)

@@ -49,11 +49,12 @@ def _tokenizer(tmp_path: Path, pad_id: int = 0):
     return load_tokenizer(_write_vocab(tmp_path / f"vocab{pad_id}", pad_id))
 
 
-def _model(vocab: int, post_ln: bool, num_labels=None, activation: str = "gelu", seed: int = 0):
+def _model(vocab: int, post_ln: bool, num_labels=None, activation: str = "gelu", seed: int = 0, **options):
     """A tiny model with every parameter random (LayerNorm scales and biases too), so no mapping error can hide.
-    Filled from numpy on a shape-only skeleton: no initialisation to compile."""
+    Filled from numpy on a shape-only skeleton: no initialisation to compile. ``options``: more ModelConfig
+    fields (``bias``, ``ffn_type``)."""
     cfg = ModelConfig(vocab_size=vocab, hidden=32, layers=2, heads=2, ffn=64, max_positions=40, post_ln=post_ln,
-                      activation=activation, type_vocab_size=2)
+                      activation=activation, type_vocab_size=2, **options)
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -278,6 +279,46 @@ def test_export_mlm_loads_in_transformers(tmp_path, post_ln, pad_id):
     encoded = hf_tok(SENTENCES, SENTENCES[1:] + SENTENCES[:1], padding=True, return_tensors="np")
     np.testing.assert_array_equal(encoded["input_ids"], ids)
     np.testing.assert_array_equal(encoded["token_type_ids"], seg)
+
+
+@pytest.mark.parametrize("post_ln", [True, False], ids=["post_ln", "pre_ln"])
+def test_bias_free_model_exports_zero_biases_with_the_same_outputs(tmp_path, post_ln):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = _tokenizer(tmp_path, pad_id=2)
+    model = _model(tokenizer.vocab_size, post_ln, bias=False)
+    assert model.bert.layers.qkv.bias is None and model.bert.layers.ffn_out.bias is None
+    export_hf(model, tokenizer, tmp_path / "hf")
+    hf_model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    state = hf_model.state_dict()
+    layer = f"{'bert' if post_ln else 'roberta_prelayernorm'}.encoder.layer.1."
+    for name in ("attention.self.key.bias", "attention.output.dense.bias", "intermediate.dense.bias",
+                 "output.dense.bias"):
+        assert not state[layer + name].any()
+    ids, seg, mask = _batch(tokenizer, SENTENCES, segments=True)
+    ref = _torch_outputs(hf_model, ids, seg, mask)
+    assert np.abs(np.asarray(_forward(model, ids, seg, mask)) - ref.logits.numpy())[mask].max() <= 1e-4
+    hidden = np.asarray(eqx.filter_jit(lambda m: m.bert(ids, seg, mask))(model))
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        encoder = getattr(hf_model, "bert" if post_ln else "roberta_prelayernorm")
+        ref_hidden = encoder(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(seg),
+                             attention_mask=torch.tensor(mask.astype(np.int64))).last_hidden_state.numpy()
+    assert np.abs(hidden - ref_hidden)[mask].max() <= 1e-4
+    # imported back, it is a model with (zero) biases: model.bias stays true and the outputs are the same
+    cfg, back = hf_state_to_model(model_to_hf_state(model, pad_id=2), hf_config_from_model(model.config, pad_id=2))
+    assert cfg.bias and not np.asarray(back.bert.layers.qkv.bias).any()
+    np.testing.assert_allclose(np.asarray(_forward(back, ids, seg, mask)), np.asarray(_forward(model, ids, seg, mask)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_glu_model_export_is_refused_in_one_line(tmp_path):
+    tokenizer = _tokenizer(tmp_path)
+    model = _model(tokenizer.vocab_size, False, ffn_type="glu")
+    for export in (lambda: export_hf(model, tokenizer, tmp_path / "hf"), lambda: model_to_hf_state(model)):
+        with pytest.raises(ValueError, match="model.ffn_type=glu") as info:
+            export()
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("post_ln", [True, False], ids=["post_ln", "pre_ln"])

@@ -109,3 +109,110 @@ def test_bad_arguments():
         _mask(_ids(2, 16), jax.random.key(0), max_predictions=17)
     with pytest.raises(ValueError, match="shape"):
         _mask(np.zeros(16, np.int32), jax.random.key(0), max_predictions=2)
+
+
+# --- whole-word masking ---------------------------------------------------------------------------------------
+
+CONTINUATION = np.arange(VOCAB) >= 600  # ids 600.. stand for "##" pieces: words of 1.67 tokens on average
+
+
+def _words(row: np.ndarray) -> list[list[int]]:
+    """The words of one row, written plainly: a non-special token that is not a continuation, or that follows
+    a special token or the row start, begins a word; continuation pieces after it belong to it."""
+    words: list[list[int]] = []
+    for i, token in enumerate(row):
+        if token in SPECIALS:
+            continue
+        if CONTINUATION[token] and i > 0 and row[i - 1] not in SPECIALS:
+            words[-1].append(i)
+        else:
+            words.append([i])
+    return words
+
+
+def _wwm(ids, key, max_predictions=40, probability=0.15):
+    return _wwm_jit(jnp.asarray(ids), key, special_ids=SPECIALS, mask_id=MASK, vocab_size=VOCAB,
+                    probability=probability, max_predictions=max_predictions, continuation=CONTINUATION)
+
+
+_wwm_jit = jax.jit(mask_tokens, static_argnames=("special_ids", "mask_id", "vocab_size", "probability",
+                                                 "max_predictions"))
+
+
+def _chosen(out, row: int) -> set[int]:
+    return set(np.asarray(out.positions)[row][np.asarray(out.weights)[row] > 0].tolist())
+
+
+@pytest.mark.parametrize("max_predictions, probability", [(40, 0.15), (6, 0.3)], ids=["rate", "cap"])
+def test_whole_word_masking_masks_whole_words_within_the_budget(max_predictions, probability):
+    ids = _ids(64, 128, seed=5)
+    ids[:8, 1:4] = 700  # rows beginning with a cut word ([CLS] then continuation pieces) ...
+    ids[8:16, 0:3] = 650  # ... and rows whose first tokens are continuation pieces (a chunk start)
+    out = _wwm(ids, jax.random.key(5), max_predictions, probability)
+    n_eligible = (~np.isin(ids, SPECIALS)).sum(1)
+    budget = np.minimum(np.maximum(np.floor(probability * n_eligible + 0.5), 1), max_predictions)
+    short = 0
+    for row in range(ids.shape[0]):
+        chosen = _chosen(out, row)
+        assert len(set(np.asarray(out.positions)[row])) == max_predictions  # distinct slots
+        taken = [w for w in _words(ids[row]) if chosen & set(w)]
+        assert all(set(w) <= chosen for w in taken)  # every touched word is masked whole
+        assert sum(len(w) for w in taken) == len(chosen) <= budget[row]
+        short += len(chosen) < budget[row]
+    assert short <= 2  # a word that fits the remaining budget is (nearly) always found
+    changed = np.asarray(out.input_ids) != ids
+    touched = np.zeros_like(changed)
+    np.put_along_axis(touched, np.asarray(out.positions), np.asarray(out.weights) > 0, axis=1)
+    assert not (changed & ~touched).any()
+    np.testing.assert_array_equal(np.asarray(out.targets), np.take_along_axis(ids, np.asarray(out.positions), 1))
+    # the cut words at the row starts are words too (checked above); make sure the case occurs here
+    cut = [{1, 2, 3}] * 8 + [{0, 1, 2}] * 8
+    assert any(cut[r] <= _chosen(out, r) for r in range(16))
+
+
+def test_whole_word_masking_rate_and_80_10_10_per_token():
+    ids = _ids(512, 128, seed=6)
+    out = _wwm(ids, jax.random.key(6))
+    used = np.asarray(out.weights) > 0
+    eligible = (~np.isin(ids, SPECIALS)).sum()
+    assert abs(used.sum() / eligible - 0.15) < 0.005
+    lengths = [len(w) for r in range(64) for w in _words(ids[r]) if set(w) & _chosen(out, r)]
+    assert max(lengths) > 1  # multi-piece words do get masked
+    new = np.take_along_axis(np.asarray(out.input_ids), np.asarray(out.positions), axis=1)[used]
+    old = np.asarray(out.targets)[used]
+    n = used.sum()
+    for observed, p in (((new == MASK).mean(), 0.8), ((new == old).mean(), 0.1 + 0.1 / (VOCAB - 5))):
+        assert abs(observed - p) < 4 * np.sqrt(p * (1 - p) / n), (observed, p)
+    # per token, not per word: some masked words are partly [MASK] and partly not
+    mixed = 0
+    for r in range(64):
+        positions = np.asarray(out.positions)[r]
+        slot = dict(zip(positions.tolist(), np.asarray(out.input_ids)[r][positions]))
+        for w in _words(ids[r]):
+            if len(w) > 1 and set(w) <= _chosen(out, r):
+                mixed += len({slot[i] == MASK for i in w}) > 1
+    assert mixed > 0
+
+
+def test_whole_word_masking_is_deterministic_and_off_by_default():
+    ids = _ids(8, 64, seed=7)
+    a, b = _wwm(ids, jax.random.key(8)), _wwm(ids, jax.random.key(8))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(_wwm(ids, jax.random.key(9)).positions), np.asarray(a.positions))
+    eager = mask_tokens(jnp.asarray(ids), jax.random.key(8), special_ids=SPECIALS, mask_id=MASK, vocab_size=VOCAB,
+                        probability=0.15, max_predictions=40, continuation=CONTINUATION)
+    for x, y in zip(a, eager):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # a table without continuation pieces masks the same number of tokens as token-level masking
+    singles = mask_tokens(jnp.asarray(ids), jax.random.key(8), special_ids=SPECIALS, mask_id=MASK, vocab_size=VOCAB,
+                          probability=0.15, max_predictions=40, continuation=np.zeros(VOCAB, bool))
+    np.testing.assert_array_equal(np.asarray(singles.weights).sum(1),
+                                  np.asarray(_mask(ids, jax.random.key(8)).weights).sum(1))
+
+
+def test_continuation_table_marks_wordpiece_continuations():
+    from jaxbert.data.mlm import continuation_table
+
+    table = np.frombuffer(continuation_table(["[PAD]", "##", "##ing", "the", "#x", "##s"]), np.uint8)
+    np.testing.assert_array_equal(table, [0, 0, 1, 0, 0, 1])

@@ -170,3 +170,86 @@ def test_segment_and_position_embeddings_matter(tiny_config):
     # Reversing the sequence changes outputs beyond a permutation: positions are encoded.
     rev = run(bert, ids[:, ::-1], seg[:, ::-1])[:, ::-1]
     assert not np.allclose(np.asarray(base), np.asarray(rev), atol=1e-3)
+
+
+# --- recipe options: bias-free encoder layers (model.bias), gated feed-forward (model.ffn_type) ---------------
+
+
+def _names(module):
+    from jaxbert.io import named_leaves
+
+    return set(named_leaves(module))
+
+
+def test_bias_free_encoder_has_no_dense_biases_and_equals_zero_biases(tiny_config):
+    free_cfg = config.replace(tiny_config, model={"bias": False}).model
+    free = BertForMLM(free_cfg, key=jax.random.PRNGKey(11))
+    names = _names(free)
+    for dense in ("qkv", "out", "ffn_in", "ffn_out"):
+        assert f"bert.layers.{dense}.weight" in names and f"bert.layers.{dense}.bias" not in names
+    # LayerNorms, the pooler and the MLM head keep their biases
+    assert {"bert.layers.attn_norm.bias", "bert.layers.ffn_norm.bias", "bert.pooler.bias", "mlm.transform.bias",
+            "mlm.bias"} <= names
+    m = tiny_config.model
+    with_bias = BertForMLM(m, key=jax.random.PRNGKey(11))  # same keys: same weights, biases initialised to 0
+    biases = m.layers * (3 * m.hidden + m.hidden + m.ffn + m.hidden)  # qkv, out, ffn_in, ffn_out
+    assert count_parameters(with_bias) - count_parameters(free) == biases
+    ids, seg = _batch(tiny_config)
+    np.testing.assert_allclose(np.asarray(run(free, ids, seg)), np.asarray(run(with_bias, ids, seg)),
+                               rtol=1e-5, atol=1e-6)  # not bitwise: XLA may fuse the two graphs differently
+    # ...and the bias does enter the computation of the biased model
+    shifted = eqx.tree_at(lambda t: t.bert.layers.ffn_out.bias, with_bias, with_bias.bert.layers.ffn_out.bias + 0.5)
+    assert not np.allclose(np.asarray(run(shifted, ids, seg)), np.asarray(run(free, ids, seg)))
+
+
+def _glu_reference(layer, x, cfg):
+    """The gated feed-forward written plainly: one fused ffn_in output split in halves, autodiff GELU."""
+    h = x @ layer.ffn_in.weight + (0.0 if layer.ffn_in.bias is None else layer.ffn_in.bias)
+    a, g = jnp.split(h, 2, axis=-1)
+    out = (jax.nn.gelu(a, approximate=False) * g) @ layer.ffn_out.weight
+    return out + (0.0 if layer.ffn_out.bias is None else layer.ffn_out.bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_glu_shapes_output_and_gradients_match_a_reference(tiny_config, bias):
+    cfg = config.replace(tiny_config, model={"ffn_type": "glu", "bias": bias}).model
+    bert = BertModel(cfg, key=jax.random.PRNGKey(12))
+    assert bert.layers.ffn_in.weight.shape == (cfg.layers, cfg.hidden, 2 * cfg.ffn)
+    assert bert.layers.ffn_out.weight.shape == (cfg.layers, cfg.ffn, cfg.hidden)
+    layer = jax.tree.map(lambda a: a[0], bert.layers)
+    if bias:  # random biases, so a mix-up of the two halves' biases shows
+        key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+        layer = eqx.tree_at(lambda lay: (lay.ffn_in.bias, lay.ffn_out.bias), layer,
+                            (jax.random.normal(key_a, (2 * cfg.ffn,)), jax.random.normal(key_b, (cfg.hidden,))))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, cfg.hidden))
+
+    def loss(lay, fn):
+        return jnp.sum(jnp.sin(fn(lay)))
+
+    ours = eqx.filter_jit(lambda lay: lay._feed_forward(x, cfg, False))
+    ref = eqx.filter_jit(lambda lay: _glu_reference(lay, x, cfg))
+    np.testing.assert_allclose(np.asarray(ours(layer)), np.asarray(ref(layer)), rtol=1e-5, atol=1e-5)
+    g_ours = eqx.filter_jit(eqx.filter_grad(lambda lay: loss(lay, lambda m: m._feed_forward(x, cfg, False))))(layer)
+    g_ref = eqx.filter_jit(eqx.filter_grad(lambda lay: loss(lay, lambda m: _glu_reference(m, x, cfg))))(layer)
+    for part in (lambda t: t.ffn_in, lambda t: t.ffn_out):
+        for a, b in zip(jax.tree.leaves(part(g_ours)), jax.tree.leaves(part(g_ref))):
+            assert np.abs(np.asarray(a)).max() > 0
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_glu_at_two_thirds_width_matches_the_mlp_parameters():
+    mlp = config.load("base", ["model.bias=false"]).model  # ffn = 4 * 768
+    glu = dataclasses.replace(mlp, ffn_type="glu", ffn=2 * 4 * mlp.hidden // 3)
+    counts = [count_parameters(eqx.filter_eval_shape(BertModel, m, key=jax.random.PRNGKey(0))) for m in (mlp, glu)]
+    assert counts[0] == counts[1]
+    with_bias = [dataclasses.replace(m, bias=True) for m in (mlp, glu)]  # biases: 2F + H against F + H per layer
+    counts = [count_parameters(eqx.filter_eval_shape(BertModel, m, key=jax.random.PRNGKey(0))) for m in with_bias]
+    assert counts[1] - counts[0] == mlp.layers * (2 * glu.ffn - mlp.ffn)
+
+
+def test_with_config_refuses_bias_and_ffn_type_changes(tiny_config):
+    model = BertForClassification(tiny_config.model, 3, key=jax.random.PRNGKey(9))
+    for change in ({"bias": False}, {"ffn_type": "glu"}):
+        name = next(iter(change))
+        with pytest.raises(ValueError, match=f"model.{name}"):
+            with_config(model, "bert", dataclasses.replace(tiny_config.model, **change))

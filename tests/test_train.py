@@ -76,7 +76,10 @@ def test_accumulated_gradients_equal_full_batch_gradient(cfg, ids):
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(reference))
 
 
-def test_train_step_reduces_loss_and_is_deterministic(cfg, ids):
+@pytest.mark.parametrize("options", [(), ("model.bias=false",), ("model.ffn_type=glu", "model.ffn=48")],
+                         ids=["default", "no_bias", "glu"])
+def test_train_step_reduces_loss_and_is_deterministic(cfg, ids, options):
+    cfg = _config(*options) if options else cfg
     spec = make_spec(cfg, SPECIAL, MASK_ID)
 
     def run():
@@ -239,3 +242,32 @@ def test_compilation_in_the_middle_of_a_run_is_not_training_time():
     assert seen > 0.0
     jax.jit(lambda x: jnp.cos(x) * 2.0 - 0.5)(jnp.arange(9.0)).block_until_ready()
     assert clock.seconds == seen
+
+
+def test_whole_word_masking_in_the_step_takes_the_vocabulary(ids):
+    cfg = _config("data.whole_word_masking=true")
+    with pytest.raises(ValueError, match="data.whole_word_masking"):
+        make_spec(cfg, SPECIAL, MASK_ID)
+    vocab = [f"##{i}" if i >= 64 else f"w{i}" for i in range(cfg.model.vocab_size)]  # ids 64.. are pieces
+    spec = make_spec(cfg, SPECIAL, MASK_ID, vocab=vocab)
+    batch = eqx.filter_jit(mask_rows)(jnp.asarray(ids), jax.random.PRNGKey(3), jnp.int32(0), spec)
+    for row, positions, weights in zip(ids, np.asarray(batch.positions), np.asarray(batch.weights)):
+        chosen = np.zeros(len(row), bool)
+        chosen[positions[weights > 0]] = True
+        assert chosen.any()
+        starts = (row < 64) | (np.arange(len(row)) == 0)  # no special ids in these rows
+        word = np.cumsum(starts)
+        for w in np.unique(word[chosen]):
+            assert chosen[word == w].all()
+    default = eqx.filter_jit(mask_rows)(jnp.asarray(ids), jax.random.PRNGKey(3), jnp.int32(0), make_spec(
+        _config(), SPECIAL, MASK_ID, vocab=vocab))  # the vocabulary alone changes nothing
+    reference = eqx.filter_jit(mask_rows)(jnp.asarray(ids), jax.random.PRNGKey(3), jnp.int32(0),
+                                          make_spec(_config(), SPECIAL, MASK_ID))
+    for a, b in zip(default, reference):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state = init_state(cfg, key=jax.random.PRNGKey(0))
+    losses = []
+    for _ in range(12):
+        state, metrics = train_step(state, [ids[:4], ids[4:]], 1e-2, spec)
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-3:]) < losses[0] - 0.2

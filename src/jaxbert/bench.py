@@ -10,6 +10,7 @@ Each measured side runs in its own subprocess, so memory pools and compilation c
 Model FLOPs per token (what the model needs; forward + backward = 3 x forward, 2 FLOPs per multiply-add)::
 
     encoder    6 * L * (4 H^2 + 2 H F)          q, k, v, output projections and the two FFN matrices
+                                                (model.ffn_type=glu: 3 H F, ffn_in being H x 2F)
     attention  12 * L * S * H                   Q K^T and P V: 2 S H each per token and layer, times 3
     MLM head   6 * (H^2 + H V) * m / S          transform + tied decoder at the m predicted positions of a
                                                 sequence (jaxbert's sparse head); m = S for a full head (HF)
@@ -41,8 +42,9 @@ PEER_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "hf_peer.py"
 def flops_per_token(m: ModelConfig, seq: int, predictions: Optional[int]) -> dict[str, float]:
     """Training FLOPs per input token, by part (see the module docstring); ``predictions=None``: full head."""
     h, f, layers = m.hidden, m.ffn, m.layers
+    ffn_mats = 3 if m.ffn_type == "glu" else 2  # glu: ffn_in has 2 * ffn columns
     per_seq = seq if predictions is None else predictions
-    parts = {"encoder": 6.0 * layers * (4 * h * h + 2 * h * f), "attention": 12.0 * layers * seq * h,
+    parts = {"encoder": 6.0 * layers * (4 * h * h + ffn_mats * h * f), "attention": 12.0 * layers * seq * h,
              "head": 6.0 * (h * h + h * m.vocab_size) * per_seq / seq}
     parts["total"] = sum(parts.values())
     return parts
@@ -105,7 +107,9 @@ def time_train_step(cfg: Config, warmup: int, steps: int, profile_dir: Optional[
         mesh = distributed.make_mesh(cfg, jax.local_devices()[:devices])
         distributed.check_batch(t.micro_batch, mesh, "--micro-batch")
         state = distributed.shard_state(state, mesh)
-    spec = train.make_spec(cfg, SPECIAL_IDS, SPECIAL_IDS[-1], mesh)
+    # data.whole_word_masking: every fourth id of the random tokens stands for a "##" continuation piece
+    vocab = [f"##{i}" if i % 4 == 3 else f"t{i}" for i in range(cfg.model.vocab_size)]
+    spec = train.make_spec(cfg, SPECIAL_IDS, SPECIAL_IDS[-1], mesh, vocab)
     place = (lambda rows: rows) if mesh is None else (lambda rows: distributed.global_batch(rows, mesh))
     rng = np.random.default_rng(0)
     pool = [rng.integers(len(SPECIAL_IDS), cfg.model.vocab_size, (t.batch_end, cfg.data.seq_len), dtype=np.int32)

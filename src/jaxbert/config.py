@@ -49,6 +49,13 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02  # std of the truncated-normal weight initialisation
     activation: str = "gelu"  # "gelu" (exact, erf) or "gelu_tanh"
+    # False: the encoder layers' linear layers (qkv, attention out, ffn_in, ffn_out) have no bias (Cramming);
+    # LayerNorms, the embeddings, the pooler and the task heads keep theirs
+    bias: bool = True
+    # "mlp": ffn_out(act(ffn_in(x))); "glu": gated (GEGLU with gelu): ffn_in has 2 * ffn columns [a | b] and
+    # ffn_out(act(a) * b). ffn stays the inner width, so glu has 1.5x the FFN parameters of mlp at equal ffn;
+    # ffn = 2/3 * 4 * hidden (e.g. 2048 at hidden 768) matches the parameters of mlp with ffn = 4 * hidden
+    ffn_type: str = "mlp"
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +89,9 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence
     mlm_probability: float = 0.15
     max_predictions: int = 20  # masked positions predicted per sequence (fixed, for static shapes)
+    # mask whole words: a chosen token brings every WordPiece piece of its word ("##" continuations) with it
+    # (jaxbert.data.mlm); the number of masked tokens stays the same, made of whole words only
+    whole_word_masking: bool = False
     cache_dir: str = "cache"  # prepared datasets live in <cache_dir>/<hash>/
 
 
@@ -318,6 +328,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
     _check(m.activation in ("gelu", "gelu_tanh"), "model.activation", f"expected gelu|gelu_tanh, got {m.activation!r}")
+    _check(m.ffn_type in ("mlp", "glu"), "model.ffn_type", f"expected mlp|glu, got {m.ffn_type!r}")
     _check(cfg.tokenizer.vocab_size >= 64, "tokenizer.vocab_size", "must be at least 64")
     _check(d.seq_len >= 8, "data.seq_len", f"must be at least 8, got {d.seq_len}")
     _check(d.seq_len <= m.max_positions, "data.seq_len",

@@ -169,7 +169,8 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
     distributed.check_same(progress.step, "the step to start from (is the run directory shared?)")
     if main:
         config_lib.save(cfg, run_dir)
-    spec = make_spec(cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask, mesh)
+    tok = data.tokenizer
+    spec = make_spec(cfg, tok.special.as_tuple(), tok.special.mask, mesh, tok.vocab())
     trackers = make_trackers(cfg, run_dir, run_dir.name, start_step=progress.step,
                              start_elapsed=progress.elapsed_seconds, console=console) if main else Trackers([])
     result = PretrainResult(run_dir, cfg, state, progress, "done", None)

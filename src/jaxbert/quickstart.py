@@ -108,7 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = f"{cfg.train.budget_minutes:g} minutes" if cfg.train.budget_minutes else f"{cfg.train.steps} steps"
     print(f"2/3 pretraining a {cfg.model.layers}-layer, {cfg.model.hidden}-wide BERT for {budget}")
     result = pretrain(cfg, console=not args.quiet, data=data)
-    spec = make_spec(result.cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask)
+    spec = make_spec(result.cfg, data.tokenizer.special.as_tuple(), data.tokenizer.special.mask,
+                     vocab=data.tokenizer.vocab())
     held_out = held_out_batches(result.cfg, data)
     baseline = majority_baseline(held_out, spec, root_keys(result.cfg)[1])
     print("3/3 fill-mask on held-out text:")

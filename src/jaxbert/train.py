@@ -35,7 +35,7 @@ import optax
 
 from .checkpoint import Progress
 from .config import Config, Kernels
-from .data.mlm import MLMBatch, mask_tokens
+from .data.mlm import MLMBatch, continuation_table, mask_tokens
 from .distributed import constrain
 from .model import BertForMLM, mlm_of, pretraining_model
 from .model.electra import electra_sums
@@ -59,14 +59,25 @@ class StepSpec:
     mesh: Any = None  # a jax.sharding.Mesh: the steps pin state/accumulator shardings to it (jaxbert.distributed)
     objective: str = "mlm"  # "mlm" or "electra" (train.objective)
     electra_weight: float = 50.0
+    # whole-word masking (data.whole_word_masking): jaxbert.data.mlm.continuation_table of the vocabulary
+    # (bytes: hashable, and hashed once); None masks single tokens
+    continuation: Optional[bytes] = None
 
 
-def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any = None) -> StepSpec:
-    """The step settings of a run: precision, masking (ids from the tokenizer), kernel implementations."""
+def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any = None,
+              vocab: Optional[Sequence[str]] = None) -> StepSpec:
+    """The step settings of a run: precision, masking (ids and, for whole-word masking, the vocabulary from the
+    tokenizer), kernel implementations."""
+    continuation = None
+    if cfg.data.whole_word_masking:
+        if vocab is None:
+            raise ValueError("data.whole_word_masking: the tokenizer's vocabulary is needed to find word pieces")
+        continuation = continuation_table(vocab)
     return StepSpec(Policy.from_name(cfg.train.precision), tuple(int(i) for i in special_ids), int(mask_id),
                     cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
                     AdamWSettings.of(cfg.train), cfg.impl.kernels, cfg.impl.remat, mesh,
-                    objective=cfg.train.objective, electra_weight=cfg.train.electra_weight)
+                    objective=cfg.train.objective, electra_weight=cfg.train.electra_weight,
+                    continuation=continuation)
 
 
 class TrainState(eqx.Module):
@@ -124,11 +135,12 @@ def mask_rows(ids: jax.Array, key: jax.Array, offset: jax.Array, spec: StepSpec)
     """MLM-mask each row with its own key ``fold_in(key, offset + row)``."""
     rows = offset + jnp.arange(ids.shape[0], dtype=jnp.int32)
     keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
+    table = None if spec.continuation is None else np.frombuffer(spec.continuation, np.uint8) > 0
 
     def one(row: jax.Array, k: jax.Array) -> MLMBatch:
         out = mask_tokens(row[None], k, special_ids=spec.special_ids, mask_id=spec.mask_id,
                           vocab_size=spec.vocab_size, probability=spec.mlm_probability,
-                          max_predictions=spec.max_predictions)
+                          max_predictions=spec.max_predictions, continuation=table)
         return jax.tree.map(lambda x: x[0], out)
 
     return jax.vmap(one)(ids, keys)

@@ -11,6 +11,9 @@ Two HuggingFace layouts are understood, one per jaxbert LayerNorm placement:
   Its classification head is ``dense -> tanh -> out_proj`` on the first position, which is exactly jaxbert's
   pooler followed by the classifier, so ``classifier.dense`` <-> ``pooler``.
 
+A bias-free model (``model.bias=false``) exports zero biases, which compute exactly the same; import always
+gives ``model.bias=true``. A gated feed-forward (``model.ffn_type=glu``) has no HF BERT layout and is refused.
+
 Dense weights are stored ``(in, out)`` in jaxbert and ``(out, in)`` in PyTorch; the fused ``qkv`` weight is
 ``[query.T | key.T | value.T]``. All conversions are transposes, concatenations and slices, so a round trip is
 bitwise exact for float32 parameters.
@@ -120,6 +123,7 @@ def position_offset(hf_config: Mapping[str, Any]) -> int:
 def hf_config_from_model(cfg: ModelConfig, *, pad_id: int, cls_id: Optional[int] = None,
                          sep_id: Optional[int] = None, num_labels: Optional[int] = None) -> dict[str, Any]:
     """The HF ``config.json`` for a jaxbert model (BERT when post-LN, RobertaPreLayerNorm when pre-LN)."""
+    check_exportable(cfg)
     layout = BERT if cfg.post_ln else PRELN
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[(layout, num_labels is not None)]], "model_type": layout,
@@ -152,16 +156,37 @@ def skeleton(cfg: ModelConfig, num_labels: Optional[int] = None) -> BertForMLM |
 # --- jaxbert -> HF ----------------------------------------------------------------------------------------------
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise ValueError when ``cfg`` has no HF BERT layout (a gated feed-forward)."""
+    if cfg.ffn_type != "mlp":
+        raise ValueError(f"model.ffn_type={cfg.ffn_type}: a gated feed-forward is not a BERT layout; "
+                         "HF export needs model.ffn_type=mlp")
+
+
+def _bias_of(ours: Mapping[str, Any], dense: str, xp: Any, index: Optional[int] = None) -> Any:
+    """The bias of Dense ``dense``; zeros for a bias-free one (``model.bias=false``), which compute the same."""
+    if dense + ".bias" in ours:
+        value = ours[dense + ".bias"]
+    else:
+        weight = ours[dense + ".weight"]
+        value = xp.zeros(weight.shape[:-2] + weight.shape[-1:], weight.dtype)
+    return value if index is None else value[index]
+
+
 def _module_to_hf(ours: Mapping[str, Any], name: str, hf: str, kind: str, out: dict[str, Any],
-                  index: Optional[int] = None) -> None:
+                  index: Optional[int] = None, xp: Any = np) -> None:
     for our_leaf, hf_leaf, transpose in _LEAVES[kind]:
-        value = ours[".".join(p for p in (name, our_leaf) if p)]
-        value = value if index is None else value[index]
+        if kind == DENSE and our_leaf == "bias":
+            value = _bias_of(ours, name, xp, index)
+        else:
+            value = ours[".".join(p for p in (name, our_leaf) if p)]
+            value = value if index is None else value[index]
         out[".".join(p for p in (hf, hf_leaf) if p)] = value.T if transpose else value
 
 
 def _to_hf(ours: Mapping[str, Any], cfg: ModelConfig, classify: bool, pad_id: int, xp: Any) -> dict[str, Any]:
     """The conversion, written once for numpy (``xp=np``) and for shape inference (``xp=jnp``)."""
+    check_exportable(cfg)
     layout = BERT if cfg.post_ln else PRELN
     prefix = PREFIXES[layout]
     out: dict[str, Any] = {}
@@ -175,9 +200,9 @@ def _to_hf(ours: Mapping[str, Any], cfg: ModelConfig, classify: bool, pad_id: in
     for i in range(cfg.layers):
         base = f"{prefix}encoder.layer.{i}."
         for name, (hf, kind) in _LAYER[layout].items():
-            _module_to_hf(ours, "bert.layers." + name, base + hf, kind, out, index=i)
+            _module_to_hf(ours, "bert.layers." + name, base + hf, kind, out, index=i, xp=xp)
         weights = xp.split(ours["bert.layers.qkv.weight"][i], 3, axis=1)
-        biases = xp.split(ours["bert.layers.qkv.bias"][i], 3)
+        biases = xp.split(_bias_of(ours, "bert.layers.qkv", xp, i), 3)
         for part, w, b in zip(_QKV, weights, biases):
             out[f"{base}attention.self.{part}.weight"] = w.T
             out[f"{base}attention.self.{part}.bias"] = b

@@ -113,7 +113,8 @@ def with_config(module: eqx.Module, path: str, cfg: ModelConfig) -> eqx.Module:
     target = module if not path else getattr(module, path)
     assert isinstance(target, BertModel)
     old = target.config
-    for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_positions", "type_vocab_size", "post_ln"):
+    for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_positions", "type_vocab_size", "post_ln",
+                 "bias", "ffn_type"):
         if getattr(old, name) != getattr(cfg, name):
             raise ValueError(f"model.{name}: cannot change from {getattr(old, name)} to {getattr(cfg, name)} "
                              "on an existing model")

@@ -82,17 +82,28 @@ def matmul(x: Array, w: Array, fp8: bool = False) -> Array:
 
 
 class Dense(eqx.Module):
-    """``y = x @ weight + bias`` with weight stored ``(in, out)``."""
+    """``y = x @ weight + bias`` with weight stored ``(in, out)``; ``bias`` is None in a bias-free layer."""
 
     weight: Float[Array, "din dout"]
-    bias: Float[Array, " dout"]
+    bias: Optional[Float[Array, " dout"]]
 
-    def __init__(self, din: int, dout: int, std: float, *, key: PRNGKeyArray):
+    def __init__(self, din: int, dout: int, std: float, *, key: PRNGKeyArray, bias: bool = True):
         self.weight = trunc_normal(key, (din, dout), std)
-        self.bias = jnp.zeros((dout,), jnp.float32)
+        self.bias = jnp.zeros((dout,), jnp.float32) if bias else None
 
     def __call__(self, x: Array, fp8: bool = False) -> Array:
-        return matmul(x, self.weight, fp8) + self.bias.astype(x.dtype)
+        return add_bias(matmul(x, self.weight, fp8), self.bias)
+
+
+def add_bias(y: Array, bias: Optional[Array]) -> Array:
+    """``y + bias`` in ``y``'s dtype; ``y`` itself when there is no bias."""
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def dense_block(layer: Dense, x: Array, i: int, n: int, fp8: bool) -> Array:
+    """Output columns ``[i * n, (i + 1) * n)`` of ``layer(x)``, from a matmul on that block of the weight."""
+    bias = None if layer.bias is None else layer.bias[i * n:(i + 1) * n]
+    return add_bias(matmul(x, layer.weight[:, i * n:(i + 1) * n], fp8), bias)
 
 
 class LayerNorm(eqx.Module):
@@ -170,7 +181,12 @@ def _attention_with_dropout(q: Array, k: Array, v: Array, mask: Optional[Array],
 
 
 class EncoderLayer(eqx.Module):
-    """One transformer layer; pre-LN (``x + f(LN(x))``) or post-LN (``LN(x + f(x))``) by the config."""
+    """One transformer layer; pre-LN (``x + f(LN(x))``) or post-LN (``LN(x + f(x))``) by the config.
+
+    ``cfg.bias=False`` leaves the four Dense layers without bias (LayerNorms keep theirs). ``cfg.ffn_type``:
+    ``mlp`` (``ffn_out(act(ffn_in(x)))``) or ``glu`` (``ffn_in`` has ``2 * ffn`` columns ``[a | b]``, and the
+    feed-forward is ``ffn_out(act(a) * b)``).
+    """
 
     qkv: Dense  # fused query/key/value projection, output laid out [q | k | v], each head-major
     out: Dense
@@ -181,11 +197,12 @@ class EncoderLayer(eqx.Module):
 
     def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
         k1, k2, k3, k4 = jax.random.split(key, 4)
-        self.qkv = Dense(cfg.hidden, 3 * cfg.hidden, cfg.init_std, key=k1)
-        self.out = Dense(cfg.hidden, cfg.hidden, cfg.init_std, key=k2)
+        inner = 2 * cfg.ffn if cfg.ffn_type == "glu" else cfg.ffn
+        self.qkv = Dense(cfg.hidden, 3 * cfg.hidden, cfg.init_std, key=k1, bias=cfg.bias)
+        self.out = Dense(cfg.hidden, cfg.hidden, cfg.init_std, key=k2, bias=cfg.bias)
         self.attn_norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
-        self.ffn_in = Dense(cfg.hidden, cfg.ffn, cfg.init_std, key=k3)
-        self.ffn_out = Dense(cfg.ffn, cfg.hidden, cfg.init_std, key=k4)
+        self.ffn_in = Dense(cfg.hidden, inner, cfg.init_std, key=k3, bias=cfg.bias)
+        self.ffn_out = Dense(cfg.ffn, cfg.hidden, cfg.init_std, key=k4, bias=cfg.bias)
         self.ffn_norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
 
     def _attend(self, x: Array, mask: Optional[Array], cfg: ModelConfig, implementation: str,
@@ -194,14 +211,17 @@ class EncoderLayer(eqx.Module):
         # Three matmuls on column blocks of the fused [q | k | v] weight: each output is already a contiguous
         # (b, s, heads, head_dim) array, where slicing one fused output would copy q, k and v (and concatenate
         # their gradients) around the attention kernel in every layer.
-        w, bias, n = self.qkv.weight, self.qkv.bias.astype(x.dtype), cfg.hidden
-        q, k, v = ((matmul(x, w[:, i * n:(i + 1) * n], fp8) + bias[i * n:(i + 1) * n])
-                   .reshape(b, s, cfg.heads, cfg.head_dim) for i in range(3))
+        q, k, v = (dense_block(self.qkv, x, i, cfg.hidden, fp8).reshape(b, s, cfg.heads, cfg.head_dim)
+                   for i in range(3))
         ctx = attention(q, k, v, mask, implementation, cfg.attention_dropout, key)
         return self.out(ctx.reshape(b, s, cfg.hidden), fp8)
 
     def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool) -> Array:
-        return self.ffn_out(activation(self.ffn_in(x, fp8), cfg.activation), fp8)
+        if cfg.ffn_type != "glu":
+            return self.ffn_out(activation(self.ffn_in(x, fp8), cfg.activation), fp8)
+        # two matmuls on the column blocks [a | b] of ffn_in, as for qkv: no slice copies of a fused output
+        a, g = (dense_block(self.ffn_in, x, i, cfg.ffn, fp8) for i in range(2))
+        return self.ffn_out(activation(a, cfg.activation) * g, fp8)
 
     def __call__(self, x: Array | tuple[Array, Array], mask: Optional[Array], cfg: ModelConfig,
                  implementation: str | Kernels, key: Optional[PRNGKeyArray],
