@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import ModelConfig
 from .fp8 import fp8_matmul
+from .fp8_delayed import delayed_matmul
 
 
 def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
@@ -71,10 +72,14 @@ def _gelu_bwd(approximate: bool, x: Array, g: Array) -> tuple[Array]:
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def matmul(x: Array, w: Array, fp8: bool = False) -> Array:
-    """``x @ w`` in ``x``'s dtype (``w`` is cast to it); through float8 operands when ``fp8``."""
+def matmul(x: Array, w: Array, fp8: bool = False, scales: Optional[Array] = None) -> Array:
+    """``x @ w`` in ``x``'s dtype (``w`` is cast to it); through float8 operands when ``fp8``: with delayed
+    scaling when the site's (x, w, g) ``scales`` are given (:mod:`jaxbert.model.fp8_delayed`), else with current
+    scaling (:mod:`jaxbert.model.fp8`)."""
     w = w.astype(x.dtype)
-    return fp8_matmul(x, w) if fp8 else x @ w
+    if not fp8:
+        return x @ w
+    return fp8_matmul(x, w) if scales is None else delayed_matmul(x, w, scales)
 
 
 class Dense(eqx.Module):
@@ -87,8 +92,8 @@ class Dense(eqx.Module):
         self.weight = trunc_normal(key, (din, dout), std)
         self.bias = jnp.zeros((dout,), jnp.float32)
 
-    def __call__(self, x: Array, fp8: bool = False) -> Array:
-        return matmul(x, self.weight, fp8) + self.bias.astype(x.dtype)
+    def __call__(self, x: Array, fp8: bool = False, scales: Optional[Array] = None) -> Array:
+        return matmul(x, self.weight, fp8, scales) + self.bias.astype(x.dtype)
 
 
 class LayerNorm(eqx.Module):
@@ -211,28 +216,35 @@ class EncoderLayer(eqx.Module):
         self.ffn_norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
 
     def _attend(self, x: Array, mask: Optional[Array], cfg: ModelConfig, implementation: str,
-                key: Optional[PRNGKeyArray], fp8: bool) -> Array:
+                key: Optional[PRNGKeyArray], fp8: bool, scales: Optional[Array]) -> Array:
         b, s, _ = x.shape
         # Three matmuls on column blocks of the fused [q | k | v] weight: each output is already a contiguous
         # (b, s, heads, head_dim) array, where slicing one fused output would copy q, k and v (and concatenate
         # their gradients) around the attention kernel in every layer.
         w, bias, n = self.qkv.weight, self.qkv.bias.astype(x.dtype), cfg.hidden
-        q, k, v = ((matmul(x, w[:, i * n:(i + 1) * n], fp8) + bias[i * n:(i + 1) * n])
+        q, k, v = ((matmul(x, w[:, i * n:(i + 1) * n], fp8, _site(scales, i)) + bias[i * n:(i + 1) * n])
                    .reshape(b, s, cfg.heads, cfg.head_dim) for i in range(3))
         ctx = attention(q, k, v, mask, implementation, cfg.attention_dropout, key)
-        return self.out(ctx.reshape(b, s, cfg.hidden), fp8)
+        return self.out(ctx.reshape(b, s, cfg.hidden), fp8, _site(scales, 3))
 
-    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool) -> Array:
-        return self.ffn_out(activation(self.ffn_in(x, fp8), cfg.activation), fp8)
+    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool, scales: Optional[Array]) -> Array:
+        h = activation(self.ffn_in(x, fp8, _site(scales, 4)), cfg.activation)
+        return self.ffn_out(h, fp8, _site(scales, 5))
 
     def __call__(self, x: Array, mask: Optional[Array], cfg: ModelConfig, implementation: str,
-                 key: Optional[PRNGKeyArray], fp8: bool = False) -> Array:
-        """``fp8``: the six matmuls of the layer through float8 operands (:mod:`jaxbert.model.fp8`)."""
+                 key: Optional[PRNGKeyArray], fp8: bool = False, scales: Optional[Array] = None) -> Array:
+        """``fp8``: the six matmuls of the layer through float8 operands (:mod:`jaxbert.model.fp8`); with
+        ``scales`` (``(6, 3)``: per site q, k, v, out, ffn_in, ffn_out, the x, w, g scales) by delayed scaling
+        (:mod:`jaxbert.model.fp8_delayed`)."""
         keys = [None, None, None] if key is None else list(jax.random.split(key, 3))
         if cfg.post_ln:
-            x = self.attn_norm(x + dropout(self._attend(x, mask, cfg, implementation, keys[0], fp8), cfg.dropout,
-                                           keys[1]))
-            return self.ffn_norm(x + dropout(self._feed_forward(x, cfg, fp8), cfg.dropout, keys[2]))
-        h = self._attend(self.attn_norm(x), mask, cfg, implementation, keys[0], fp8)
+            x = self.attn_norm(x + dropout(self._attend(x, mask, cfg, implementation, keys[0], fp8, scales),
+                                           cfg.dropout, keys[1]))
+            return self.ffn_norm(x + dropout(self._feed_forward(x, cfg, fp8, scales), cfg.dropout, keys[2]))
+        h = self._attend(self.attn_norm(x), mask, cfg, implementation, keys[0], fp8, scales)
         x = x + dropout(h, cfg.dropout, keys[1])
-        return x + dropout(self._feed_forward(self.ffn_norm(x), cfg, fp8), cfg.dropout, keys[2])
+        return x + dropout(self._feed_forward(self.ffn_norm(x), cfg, fp8, scales), cfg.dropout, keys[2])
+
+
+def _site(scales: Optional[Array], index: int) -> Optional[Array]:
+    return None if scales is None else scales[index]
