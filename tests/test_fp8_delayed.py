@@ -16,6 +16,7 @@ from jaxbert import bench, config
 from jaxbert import checkpoint as ckpt
 from jaxbert import io as jio
 from jaxbert.checkpoint import Progress
+from jaxbert.model import BertForMLM
 from jaxbert.model.fp8 import E4M3, fp8_matmul
 from jaxbert.model.fp8_delayed import SITES, Fp8History, delayed_matmul, scales_from_amax
 from jaxbert.precision import Policy
@@ -90,6 +91,38 @@ def test_the_history_rolls_newest_first_and_drops_the_oldest():
         history = history.record(amax)
     np.testing.assert_array_equal(np.asarray(history.amax[0, 0, 0]), [3.0, 2.0, 5.0])
     assert float(history.scales()[0, 0, 0]) == np.float32(float(jnp.finfo(E4M3).max) / np.float32(5.0))
+
+
+def test_a_model_whose_scales_come_from_its_own_amaxes_equals_current_scaling():
+    """At the fixed point (the scales are those of the amaxes the step records: what a history holding the current
+    amax gives), loss and gradients of the whole model equal the fp8 policy's bit for bit: every site of every
+    layer gets its own scales and records its own amaxes."""
+    cfg = tiny("train.precision=fp8_delayed")
+    model = BertForMLM(cfg.model, key=jax.random.PRNGKey(0))
+    ids = jnp.asarray(_ids()[:4])
+    positions = jnp.tile(jnp.arange(0, 32, 5)[None, :6], (4, 1))
+
+    @jax.jit
+    def loss_and_grads(model, scales):
+        def loss(diff):
+            model, scales = diff
+            policy = Policy.from_name("fp8_delayed" if scales is not None else "fp8")
+            logits = model(ids, positions=positions, policy=policy, fp8_scales=scales)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
+        return jax.value_and_grad(loss)((model, scales))
+
+    ref_loss, (ref_grads, _) = loss_and_grads(model, None)
+    amax = jnp.zeros((cfg.model.layers, SITES, 3), jnp.float32)
+    for _ in range(2 * cfg.model.layers + 2):  # each pass fixes the scales of one more layer, forward then back
+        loss, (grads, recorded) = loss_and_grads(model, scales_from_amax(amax))
+        if np.array_equal(np.asarray(recorded), np.asarray(amax)):
+            break
+        amax = recorded
+    assert np.array_equal(np.asarray(recorded), np.asarray(amax)), "the recorded amaxes did not settle"
+    assert np.all(np.asarray(amax) > 0)
+    assert float(loss) == float(ref_loss)
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
 # ------------------------------------------------------------------------------------------ the train state

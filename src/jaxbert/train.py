@@ -15,7 +15,8 @@ Masking happens inside the step: the state's key is split once per optimizer ste
 from ``fold_in(mask_key, row index within the step)``, so a step's masks do not depend on how its batch is cut
 into micro-batches (dropout, off by default for pretraining, is drawn per micro-batch). Non-finite gradients
 skip the update (parameters and optimizer state are kept bitwise), halve the fp16 loss scale and are counted
-in the metrics.
+in the metrics. With ``train.precision=fp8_delayed`` the state also carries the amax histories of the encoder's
+FP8 matmuls (``TrainState.fp8``): each micro-step records its amaxes, and :func:`apply_step` rolls their max in.
 """
 
 from __future__ import annotations
