@@ -8,7 +8,7 @@
 A case may run another source tree (``src``), or a copy of this one with some model files replaced
 (``overlay``: a folder of .py files copied over ``jaxbert/model``; ``replace``: [file, old, new] edits), which is
 how before/after variants are measured in one run. Case keys: name, config, batch, seq, steps, warmup, micro,
-precision (fp32 | bf16 | fp16 | fp8), devices, group, set (config overrides), flags (XLA flags), peer
+precision (fp32 | bf16 | fp16 | fp8 | fp8_delayed), devices, group, set (config overrides), flags (XLA flags), peer
 (true or a list of eager / compile), profile, src / overlay / replace, maxbatch, timeout, peer_timeout, skip_jax. ``maxbatch`` estimates the largest batch without
 rematerialisation from the peak memory of two earlier cases (linear in the batch) and runs it.
 Results: a table on stdout, ``results.jsonl`` and ``table.txt`` under ``--out``.

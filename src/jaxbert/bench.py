@@ -291,7 +291,7 @@ def bench_arguments(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="sequences per optimizer step (default: 256)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (default: batch)")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16", "fp8"))
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16", "fp8", "fp8_delayed"))
     p.add_argument("--devices", type=int, default=1,
                    help="data-parallel over this many local devices; --batch stays global (default: 1)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the compiling one")

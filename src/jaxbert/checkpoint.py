@@ -7,7 +7,8 @@ Two kinds of directory share one layout::
     <dir>/model.safetensors   BertForMLM weights by name ("bert.layers.qkv.weight", ...), float32
     <dir>/tokenizer/          the tokenizer the model was trained with
     <dir>/README.md           the model card (data, tokens seen, MLM metrics, config, command)
-    <dir>/train_state.eqx     checkpoints only: optimizer state, loss scale, step, PRNG key
+    <dir>/train_state.eqx     checkpoints only: optimizer state, loss scale, step, PRNG key (and the FP8
+                              amax histories with train.precision=fp8_delayed)
 
 A training run keeps its checkpoints in ``<run_dir>/checkpoints/step_XXXXXXXX``. Every directory is written
 under a temporary name, fsynced and renamed into place, so a crash or a full disk never leaves a half-written
@@ -236,6 +237,8 @@ def compatibility_problems(saved: Config, cfg: Config) -> list[str]:
                  for k in _STATE_KEYS if _get(saved, k) != _get(cfg, k)]
     if (saved.train.clip_norm > 0) != (cfg.train.clip_norm > 0):
         problems.append("train.clip_norm: enabling/disabling clipping changes the optimizer state")
+    if cfg.train.precision == "fp8_delayed" and saved.train.fp8_history != cfg.train.fp8_history:
+        problems.append(f"train.fp8_history: checkpoint {saved.train.fp8_history}, config {cfg.train.fp8_history}")
     return problems
 
 

@@ -131,7 +131,11 @@ class TrainConfig(OptimizerFields):
     batch_ramp_fraction: float = 0.0  # fraction of training over which the batch grows linearly
     peak_lr: float = 1e-3  # one-cycle: up to peak_lr over warmup_fraction, then down to final_lr_fraction
     final_lr_fraction: float = 0.0  # lr at the end as a fraction of peak_lr
-    precision: str = "fp32"  # fp32 | bf16 | fp16 | fp8 (bf16 + FP8 encoder matmuls); parameters stay fp32
+    # fp32 | bf16 | fp16 | fp8 (bf16 + FP8 encoder matmuls, current scaling) | fp8_delayed (the same, delayed
+    # scaling from amax histories); parameters stay fp32
+    precision: str = "fp32"
+    fp8_history: int = 16  # fp8_delayed: optimizer steps of amax history per operand
+    fp8_margin: float = 0.0  # fp8_delayed: scales leave 2**margin of headroom above the history's amax
     # "mlm", or "electra": a generator (electra_generator x the width) fills the masked positions, the encoder
     # (the discriminator) predicts for every token whether it was replaced (jaxbert.model.electra)
     objective: str = "mlm"
@@ -317,6 +321,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 _PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+_TRAIN_PRECISIONS = _PRECISIONS + ("fp8_delayed",)  # delayed scaling needs the pretraining state's histories
 
 
 def validate(cfg: Config) -> Config:
@@ -361,7 +366,14 @@ def validate(cfg: Config) -> Config:
     _check(t.objective in ("mlm", "electra"), "train.objective", f"expected mlm|electra, got {t.objective!r}")
     _check(0.0 < t.electra_generator <= 1.0, "train.electra_generator", "must be in (0, 1]")
     _check(t.electra_weight > 0, "train.electra_weight", "must be positive")
-    _check(t.precision in _PRECISIONS, "train.precision", f"expected one of {_PRECISIONS}, got {t.precision!r}")
+    _check(t.precision in _TRAIN_PRECISIONS, "train.precision",
+           f"expected one of {_TRAIN_PRECISIONS}, got {t.precision!r}")
+    _check(t.precision != "fp8_delayed" or t.objective == "mlm", "train.precision",
+           "fp8_delayed supports train.objective=mlm only")
+    _check(t.precision != "fp8_delayed" or cfg.model.ffn_type == "mlp", "train.precision",
+           "fp8_delayed keeps one amax history per linear layer; model.ffn_type=glu splits ffn_in in two")
+    _check(t.fp8_history >= 1, "train.fp8_history", f"must be at least 1, got {t.fp8_history}")
+    _check(t.fp8_margin >= 0, "train.fp8_margin", f"must be non-negative, got {t.fp8_margin}")
     _check(f.precision in _PRECISIONS, "finetune.precision", f"expected one of {_PRECISIONS}, got {f.precision!r}")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     _check(f.max_len <= m.max_positions, "finetune.max_len", f"exceeds model.max_positions={m.max_positions}")

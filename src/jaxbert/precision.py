@@ -13,7 +13,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16, "fp8": jnp.bfloat16}
+_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16, "fp8": jnp.bfloat16,
+           "fp8_delayed": jnp.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,18 @@ class Policy:
     param_dtype: Any = jnp.float32
     output_dtype: Any = jnp.float32
     fp8: bool = False  # encoder matmuls through float8 operands (jaxbert.model.fp8); compute dtype bf16
+    # ... scaled from amax histories kept in the training state (jaxbert.model.fp8_delayed); where no history is
+    # passed (evaluation, inference) the matmuls fall back to current scaling
+    fp8_delayed: bool = False
 
     @classmethod
     def from_name(cls, name: str) -> "Policy":
-        """``fp32``, ``bf16``, ``fp16``, or ``fp8``: bf16 compute with the encoder layers' matmuls in FP8."""
+        """``fp32``, ``bf16``, ``fp16``, ``fp8`` (bf16 compute with the encoder layers' matmuls in FP8, per-tensor
+        current scaling) or ``fp8_delayed`` (the same with delayed scaling)."""
         if name not in _DTYPES:
             raise ValueError(f"precision '{name}': expected one of {', '.join(_DTYPES)}")
-        return cls(compute_dtype=_DTYPES[name], fp8=name == "fp8")
+        fp8 = name in ("fp8", "fp8_delayed")
+        return cls(compute_dtype=_DTYPES[name], fp8=fp8, fp8_delayed=name == "fp8_delayed")
 
     @property
     def needs_loss_scaling(self) -> bool:

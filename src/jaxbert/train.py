@@ -17,7 +17,8 @@ Masking happens inside the step: the state's key is split once per optimizer ste
 from ``fold_in(mask_key, row index within the step)``, so a step's masks do not depend on how its batch is cut
 into micro-batches (dropout, off by default for pretraining, is drawn per micro-batch). Non-finite gradients
 skip the update (parameters and optimizer state are kept bitwise), halve the fp16 loss scale and are counted
-in the metrics.
+in the metrics. With ``train.precision=fp8_delayed`` the state also carries the amax histories of the encoder's
+FP8 matmuls (``TrainState.fp8``): each micro-step records its amaxes, and :func:`apply_step` rolls their max in.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .data.mlm import MLMBatch, continuation_table, mask_tokens
 from .distributed import constrain
 from .model import BertForMLM, mlm_of, pretraining_model
 from .model.electra import electra_sums
+from .model.fp8_delayed import Fp8History
 from .optim import AdamWSettings, make_optimizer, micro_batches_at, progress_at, schedule_for, set_learning_rate
 from .precision import LossScale, Policy, all_finite
 
@@ -62,6 +64,7 @@ class StepSpec:
     # whole-word masking (data.whole_word_masking): jaxbert.data.mlm.continuation_table of the vocabulary
     # (bytes: hashable, and hashed once); None masks single tokens
     continuation: Optional[bytes] = None
+    fp8_margin: float = 0.0  # precision fp8_delayed: headroom of the scales (train.fp8_margin)
 
 
 def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any = None,
@@ -77,7 +80,7 @@ def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any =
                     cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
                     AdamWSettings.of(cfg.train), cfg.impl.kernels, cfg.impl.remat, mesh,
                     objective=cfg.train.objective, electra_weight=cfg.train.electra_weight,
-                    continuation=continuation)
+                    continuation=continuation, fp8_margin=cfg.train.fp8_margin)
 
 
 class TrainState(eqx.Module):
@@ -88,14 +91,19 @@ class TrainState(eqx.Module):
     key: jax.Array  # uint32[2]: split once per step
     skipped: jax.Array  # int32: steps skipped for non-finite gradients, in total
     consecutive_skipped: jax.Array  # int32: ... in a row, up to now
+    # precision fp8_delayed: the amax histories of the encoder's FP8 matmuls (not trained: the optimizer never
+    # sees them; apply_step rolls each step's amaxes in). None for every other precision.
+    fp8: Optional[Fp8History] = None
 
 
-def new_state(model: Any, settings: AdamWSettings, loss_scale: LossScale, key: jax.Array) -> TrainState:
+def new_state(model: Any, settings: AdamWSettings, loss_scale: LossScale, key: jax.Array,
+              fp8: Optional[Fp8History] = None) -> TrainState:
     """The state of a run that starts training ``model``; ``key`` is its training randomness."""
     def zero() -> jax.Array:  # distinct buffers: donated arguments must not alias
         return jnp.zeros((), jnp.int32)
 
-    return TrainState(model, make_optimizer(settings, model).init(model), loss_scale, zero(), key, zero(), zero())
+    return TrainState(model, make_optimizer(settings, model).init(model), loss_scale, zero(), key, zero(), zero(),
+                      fp8)
 
 
 def init_state(cfg: Config, *, key: jax.Array) -> TrainState:
@@ -104,7 +112,8 @@ def init_state(cfg: Config, *, key: jax.Array) -> TrainState:
     policy = Policy.from_name(cfg.train.precision)
     scale = LossScale.create(cfg.train.loss_scale_init, cfg.train.loss_scale_period, policy.needs_loss_scaling)
     model = pretraining_model(cfg.model, cfg.train.objective, cfg.train.electra_generator, key=k_init)
-    return new_state(model, AdamWSettings.of(cfg.train), scale, k_train)
+    fp8 = Fp8History.create(cfg.model.layers, cfg.train.fp8_history) if policy.fp8_delayed else None
+    return new_state(model, AdamWSettings.of(cfg.train), scale, k_train, fp8)
 
 
 class Accumulator(eqx.Module):
@@ -112,6 +121,7 @@ class Accumulator(eqx.Module):
     loss_sum: jax.Array
     weight_sum: jax.Array  # number of real predictions
     correct_sum: jax.Array
+    amax: Optional[jax.Array] = None  # precision fp8_delayed: (layers, 6, 3) max of the micro-batches' amaxes
 
 
 # The hot steps use jax.jit, not eqx.filter_jit: filter_jit blocks the host until every call has finished
@@ -119,9 +129,11 @@ class Accumulator(eqx.Module):
 # the device idle (measured in benchmarks/RESULTS.md). All their array arguments are pytrees of arrays; the step
 # settings are static.
 @functools.partial(jax.jit, static_argnames="mesh")  # one dispatch instead of ~180 eager zeros
-def zero_accumulator(model: BertForMLM, mesh: Any = None) -> Accumulator:
+def zero_accumulator(model: BertForMLM, mesh: Any = None, fp8: Optional[Fp8History] = None) -> Accumulator:
+    """A zero accumulator for ``model`` (and, with ``fp8``, for the amaxes of its delayed-scaling matmuls)."""
     grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), model)
-    return constrain(Accumulator(grads, *(jnp.zeros((), jnp.float32) for _ in range(3))), mesh)
+    amax = None if fp8 is None else jnp.zeros(fp8.amax.shape[:-1], jnp.float32)
+    return constrain(Accumulator(grads, *(jnp.zeros((), jnp.float32) for _ in range(3)), amax), mesh)
 
 
 def _step_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -146,19 +158,19 @@ def mask_rows(ids: jax.Array, key: jax.Array, offset: jax.Array, spec: StepSpec)
     return jax.vmap(one)(ids, keys)
 
 
-def _predictions(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
-                 key: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+def _predictions(model: BertForMLM, batch: MLMBatch, spec: StepSpec, key: Optional[jax.Array],
+                 fp8_scales: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Per-slot float32 cross-entropy and correctness ``(b, m)``, from logits at the masked positions only."""
     logits = model(batch.input_ids, positions=batch.positions, key=key, policy=spec.policy,
-                   attention=spec.attention, remat=spec.remat).astype(jnp.float32)
+                   attention=spec.attention, remat=spec.remat, fp8_scales=fp8_scales).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
     return nll, (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
 
 
-def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec,
-             key: Optional[jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec, key: Optional[jax.Array],
+             fp8_scales: Optional[jax.Array] = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(summed weighted cross-entropy, (number of predictions, number correct)), float32, sparse logits."""
-    nll, correct = _predictions(model, batch, spec, key)
+    nll, correct = _predictions(model, batch, spec, key, fp8_scales)
     return jnp.sum(nll * batch.weights), (jnp.sum(batch.weights), jnp.sum(correct * batch.weights))
 
 
@@ -166,15 +178,17 @@ _SAMPLE_STREAM = 0x7FFFFFFF  # ELECTRA's sampling keys: fold_in(mask key, this),
 
 
 def pretraining_sums(model: Any, ids: jax.Array, batch: MLMBatch, spec: StepSpec, dropout_key: Optional[jax.Array],
-                     mask_key: jax.Array, offset: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                     mask_key: jax.Array, offset: jax.Array,
+                     fp8_scales: Optional[jax.Array] = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(summed loss, (number of predictions, number correct)) of the pretraining objective on one micro-batch.
 
     ``mlm``: the MLM cross-entropy. ``electra``: the generator's MLM loss plus ``electra_weight`` times the
     discriminator's per-token loss (scaled to the predictions, see :func:`jaxbert.model.electra.electra_sums`);
     accuracy is the generator's. Each row samples its replacements from ``fold_in(mask_key, ...)`` and its row
-    index, so a step does not depend on how its batch is cut into micro-batches."""
+    index, so a step does not depend on how its batch is cut into micro-batches. ``fp8_scales``: the delayed
+    scaling of the encoder's FP8 matmuls (mlm only)."""
     if spec.objective != "electra":
-        return mlm_sums(model, batch, spec, dropout_key)
+        return mlm_sums(model, batch, spec, dropout_key, fp8_scales)
     rows = offset + jnp.arange(ids.shape[0], dtype=jnp.int32)
     stream = jax.random.fold_in(mask_key, _SAMPLE_STREAM)
     keys = jax.vmap(lambda r: jax.random.fold_in(stream, r))(rows)
@@ -184,20 +198,26 @@ def pretraining_sums(model: Any, ids: jax.Array, batch: MLMBatch, spec: StepSpec
 
 
 def _micro_grads(state: TrainState, ids: jax.Array, offset: jax.Array,
-                 spec: StepSpec) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
-    """(float32 gradients of the summed loss, summed loss, predictions, correct) of one micro-batch."""
+                 spec: StepSpec) -> tuple[Any, jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
+    """(float32 gradients of the summed loss, summed loss, predictions, correct, FP8 amaxes) of one micro-batch.
+
+    With FP8 delayed scaling the matmuls use the scales of ``state.fp8``; the "gradient" of those scales is the
+    micro-batch's amaxes (:mod:`jaxbert.model.fp8_delayed`); None for every other precision.
+    """
     _, mask_key, dropout_key = _step_keys(state.key)
     batch = mask_rows(ids, mask_key, offset, spec)
     slots = float(ids.shape[0] * spec.max_predictions)  # keeps the backward pass at mean-loss magnitude
+    scales = None if state.fp8 is None else state.fp8.scales(spec.fp8_margin)
 
-    def scaled_loss(model: BertForMLM) -> tuple[jax.Array, tuple]:
+    def scaled_loss(diff: tuple) -> tuple[jax.Array, tuple]:
+        model, fp8_scales = diff
         total, aux = pretraining_sums(model, ids, batch, spec, jax.random.fold_in(dropout_key, offset), mask_key,
-                                      offset)
+                                      offset, fp8_scales)
         return state.loss_scale.scale_loss(total / slots), (total, aux)
 
-    grads, (total, (weight, correct)) = eqx.filter_grad(scaled_loss, has_aux=True)(state.model)
+    (grads, amax), (total, (weight, correct)) = eqx.filter_grad(scaled_loss, has_aux=True)((state.model, scales))
     grads = jax.tree.map(lambda g: g.astype(jnp.float32) * slots, state.loss_scale.unscale(grads))
-    return grads, total, weight, correct
+    return grads, total, weight, correct, amax
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnums=1)
@@ -205,12 +225,14 @@ def micro_step(state: TrainState, accum: Accumulator, ids: jax.Array, offset: ja
                spec: StepSpec) -> Accumulator:
     """Add one micro-batch's gradients (rows ``offset ...`` of the current step) into ``accum``.
 
-    ``accum``, ``ids`` and ``offset`` are donated: pass fresh arrays and use the returned accumulator.
+    ``accum``, ``ids`` and ``offset`` are donated: pass fresh arrays and use the returned accumulator. FP8
+    delayed scaling: the micro-batch's amaxes are max-ed into ``accum.amax``.
     """
-    grads, total, weight, correct = _micro_grads(state, ids, offset, spec)
+    grads, total, weight, correct, amax = _micro_grads(state, ids, offset, spec)
     summed = jax.tree.map(jnp.add, accum.grads, grads)
+    amax = None if amax is None else jnp.maximum(accum.amax, amax)
     return constrain(Accumulator(summed, accum.loss_sum + total, accum.weight_sum + weight,
-                                 accum.correct_sum + correct), spec.mesh)
+                                 accum.correct_sum + correct, amax), spec.mesh)
 
 
 def _select(pred: jax.Array, new: Any, old: Any) -> Any:
@@ -232,7 +254,7 @@ def update(state: TrainState, grads: Any, lr: jax.Array, settings: AdamWSettings
     skipped = (~finite).astype(jnp.int32)
     next_key, _, _ = _step_keys(state.key)
     new = TrainState(model, opt_state, state.loss_scale.update(finite), state.step + 1, next_key,
-                     state.skipped + skipped, (state.consecutive_skipped + skipped) * skipped)
+                     state.skipped + skipped, (state.consecutive_skipped + skipped) * skipped, state.fp8)
     metrics = {"grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32),
                "loss_scale": state.loss_scale.scale, "skipped": skipped, "skipped_total": new.skipped,
                "consecutive_skipped": new.consecutive_skipped}
@@ -249,10 +271,18 @@ def apply_step(lr: jax.Array, state: TrainState, accum: Accumulator,
 
 def _finish(lr: jax.Array, state: TrainState, accum: Accumulator,
             spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The update of :func:`apply_step` from summed gradients (shared with :func:`single_step`)."""
+    """The update of :func:`apply_step` from summed gradients (shared with :func:`single_step`).
+
+    FP8 delayed scaling: the step's amaxes (the max over its micro-batches) become the newest history entry,
+    unless the step was skipped or an amax is not finite (then the history is kept as it was).
+    """
     count = jnp.maximum(accum.weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / count, accum.grads)
     new_state, metrics = update(state, grads, lr, spec.optimizer, jnp.isfinite(accum.loss_sum))
+    if state.fp8 is not None:
+        keep = jnp.logical_and(metrics["skipped"] == 0, jnp.all(jnp.isfinite(accum.amax)))
+        history = _select(keep, state.fp8.record(accum.amax), state.fp8)
+        new_state = eqx.tree_at(lambda s: s.fp8, new_state, history)
     return new_state, {"loss": accum.loss_sum / count, "accuracy": accum.correct_sum / count, **metrics}
 
 
@@ -262,8 +292,8 @@ def single_step(lr: jax.Array, state: TrainState, ids: jax.Array,
     """A whole optimizer step on one micro-batch (``k = 1``): :func:`micro_step` then :func:`apply_step` in one
     program, with no float32 gradient buffer to zero, add into and clear (the same numbers: adding into zeros
     is exact). ``state`` is donated."""
-    grads, total, weight, correct = _micro_grads(state, ids, jnp.int32(0), spec)
-    new_state, metrics = _finish(lr, state, Accumulator(grads, total, weight, correct), spec)
+    grads, total, weight, correct, amax = _micro_grads(state, ids, jnp.int32(0), spec)
+    new_state, metrics = _finish(lr, state, Accumulator(grads, total, weight, correct, amax), spec)
     return constrain(new_state, spec.mesh), metrics
 
 
@@ -302,7 +332,7 @@ def train_step(state: TrainState, micro_batches: Sequence[jax.Array], lr: float,
     One micro-batch takes :func:`single_step`, as the training loop does."""
     if len(micro_batches) == 1:
         return single_step(jnp.float32(lr), state, jnp.asarray(micro_batches[0]), spec)
-    accum = zero_accumulator(state.model, spec.mesh)
+    accum = zero_accumulator(state.model, spec.mesh, state.fp8)
     for i, ids in enumerate(micro_batches):
         accum = micro_step(state, accum, jnp.asarray(ids), jnp.int32(i * len(ids)), spec)
     state, _, metrics = apply_step(jnp.float32(lr), state, accum, spec)
@@ -314,7 +344,8 @@ def eval_sums(model: BertForMLM, ids: jax.Array, key: jax.Array, offset: jax.Arr
               spec: StepSpec) -> jax.Array:
     """[loss sum, predictions, correct, [MASK]ed predictions, correct among them] of one held-out micro-batch,
     masked with a fixed key. The last two leave out the 20% of targets shown as themselves or a random token
-    (the former can be copied from the input)."""
+    (the former can be copied from the input). FP8 delayed scaling evaluates with current scaling (no history
+    is passed: evaluation leaves the training state alone)."""
     batch = mask_rows(ids, key, offset, spec)
     nll, correct = _predictions(mlm_of(model), batch, spec, None)  # ELECTRA: the generator's MLM
     hidden = batch.weights * (jnp.take_along_axis(batch.input_ids, batch.positions, axis=1) == spec.mask_id)
@@ -416,7 +447,7 @@ def _run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec
             state, metrics = single_step(lr, state, jnp.asarray(next(micro_batches)), spec)
         else:
             if accum is None:  # the float32 gradient buffer exists only once a step accumulates
-                accum = zero_accumulator(state.model, spec.mesh)
+                accum = zero_accumulator(state.model, spec.mesh, state.fp8)
             for i in range(k):
                 accum = micro_step(state, accum, jnp.asarray(next(micro_batches)), jnp.int32(i * mb), spec)
             state, accum, metrics = apply_step(lr, state, accum, spec)

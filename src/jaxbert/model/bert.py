@@ -60,7 +60,7 @@ class BertModel(eqx.Module):
     def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Int[Array, "b s"]] = None,
                  mask: Optional[Bool[Array, "b s"]] = None, *, key: Optional[PRNGKeyArray] = None,
                  policy: Policy = Policy(), attention: str | Kernels = "auto", remat: bool = False,
-                 unroll: int | bool = True) -> Array:
+                 unroll: int | bool = True, fp8_scales: Optional[Array] = None) -> Array:
         """Hidden states of the last layer (after the final LayerNorm in pre-LN mode), compute dtype.
 
         ``mask``: True for real tokens, False for padding; None when there is no padding. ``attention``: the
@@ -68,7 +68,9 @@ class BertModel(eqx.Module):
         ``unroll``: how far the scan over layers is unrolled (True: completely). A rolled loop keeps compile time
         flat in depth but on GPU it made BERT-base's training step 28% slower (per-layer activations copied into
         stacked buffers, zero-filled gradient stacks, a host round trip per iteration; see benchmarks/RESULTS.md),
-        while the unrolled one compiled as fast at 12 layers.
+        while the unrolled one compiled as fast at 12 layers. ``fp8_scales``: with an FP8 policy,
+        ``(layers, 6, 3)`` delayed-scaling scales (:meth:`jaxbert.model.fp8_delayed.Fp8History.scales`); None:
+        current scaling.
         """
         cfg, kernels = self.config, Kernels.of(attention)
         k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
@@ -77,18 +79,18 @@ class BertModel(eqx.Module):
         layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.layers)
 
         def body(h: Any, inputs: tuple) -> tuple[Any, None]:
-            layer_params, layer_key = inputs
+            layer_params, layer_key, layer_scales = inputs
             layer = eqx.combine(layer_params, static)
-            return layer(h, mask, cfg, kernels, layer_key, policy.fp8), None
+            return layer(h, mask, cfg, kernels, layer_key, policy.fp8, layer_scales), None
 
         if remat:
             body = jax.checkpoint(body)  # type: ignore[assignment]
-        x, _ = jax.lax.scan(body, x, (params, layer_keys), unroll=unroll)
+        x, _ = jax.lax.scan(body, x, (params, layer_keys, fp8_scales), unroll=unroll)
         return self._finish(x, kernels)
 
     def unrolled(self, input_ids: Array, segment_ids: Optional[Array] = None, mask: Optional[Array] = None, *,
                  key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(),
-                 attention: str | Kernels = "auto") -> Array:
+                 attention: str | Kernels = "auto", fp8_scales: Optional[Array] = None) -> Array:
         """The same computation as ``__call__`` with a Python loop over layers (a test reference)."""
         cfg, kernels = self.config, Kernels.of(attention)
         k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
@@ -97,7 +99,8 @@ class BertModel(eqx.Module):
         layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.layers)
         for i in range(cfg.layers):
             layer = eqx.combine(jax.tree.map(lambda a: a[i], params), static)
-            x = layer(x, mask, cfg, kernels, None if layer_keys is None else layer_keys[i], policy.fp8)
+            x = layer(x, mask, cfg, kernels, None if layer_keys is None else layer_keys[i], policy.fp8,
+                      None if fp8_scales is None else fp8_scales[i])
         return self._finish(x, kernels)
 
     def pool(self, hidden: Array) -> Array:

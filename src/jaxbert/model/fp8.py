@@ -27,11 +27,21 @@ E5M2 = jnp.float8_e5m2
 def quantize(x: Array, dtype: jnp.dtype) -> tuple[Array, Array]:
     """``(q, inverse_scale)`` with ``q = round_to_dtype(x * scale)``, ``scale = fp8_max / amax(|x|)``, so that
     ``q * inverse_scale`` approximates ``x``; values are clipped to the finite range first."""
+    scale = scale_for(jnp.max(jnp.abs(x)).astype(jnp.float32), dtype)
+    return quantize_with(x, scale, dtype), (1.0 / scale).astype(jnp.float32)
+
+
+def scale_for(amax: Array, dtype: jnp.dtype) -> Array:
+    """``fp8_max / amax`` (float32), or 1 where ``amax`` is 0: the scale that maps ``amax`` onto the top of the
+    range of ``dtype``."""
     limit = float(jnp.finfo(dtype).max)
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-    scale = jnp.where(amax > 0.0, limit / jnp.maximum(amax, 1e-30), 1.0)
-    q = jnp.clip(x.astype(jnp.float32) * scale, -limit, limit).astype(dtype)
-    return q, (1.0 / scale).astype(jnp.float32)
+    return jnp.where(amax > 0.0, limit / jnp.maximum(amax, 1e-30), 1.0).astype(jnp.float32)
+
+
+def quantize_with(x: Array, scale: Array, dtype: jnp.dtype) -> Array:
+    """``round_to_dtype(x * scale)`` with values clipped to the finite range first (saturation)."""
+    limit = float(jnp.finfo(dtype).max)
+    return jnp.clip(x.astype(jnp.float32) * scale, -limit, limit).astype(dtype)
 
 
 def dequantize(q: Array, inverse_scale: Array, dtype: jnp.dtype) -> Array:

@@ -78,9 +78,11 @@ class BertForMLM(eqx.Module):
     def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Optional[Array] = None,
                  mask: Optional[Array] = None, positions: Optional[Int[Array, "b m"]] = None, *,
                  key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(), attention: str | Kernels = "auto",
-                 remat: bool = False) -> Float[Array, "b n vocab"]:
-        """float32 MLM logits; at every position, or only at ``positions`` (sparse prediction, ``(b, m)``)."""
-        hidden = self.bert(input_ids, segment_ids, mask, key=key, policy=policy, attention=attention, remat=remat)
+                 remat: bool = False, fp8_scales: Optional[Array] = None) -> Float[Array, "b n vocab"]:
+        """float32 MLM logits; at every position, or only at ``positions`` (sparse prediction, ``(b, m)``).
+        ``fp8_scales``: see :meth:`BertModel.__call__`."""
+        hidden = self.bert(input_ids, segment_ids, mask, key=key, policy=policy, attention=attention, remat=remat,
+                           fp8_scales=fp8_scales)
         if positions is not None:
             hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         return self.mlm(hidden, self.bert.embeddings.token, self.config.activation, Kernels.of(attention).norm)

@@ -21,6 +21,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import Kernels, ModelConfig
 from .fp8 import fp8_matmul
+from .fp8_delayed import delayed_matmul
 from .norm_kernels import add_layer_norm, layer_norm
 
 
@@ -75,10 +76,14 @@ def _gelu_bwd(approximate: bool, x: Array, g: Array) -> tuple[Array]:
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def matmul(x: Array, w: Array, fp8: bool = False) -> Array:
-    """``x @ w`` in ``x``'s dtype (``w`` is cast to it); through float8 operands when ``fp8``."""
+def matmul(x: Array, w: Array, fp8: bool = False, scales: Optional[Array] = None) -> Array:
+    """``x @ w`` in ``x``'s dtype (``w`` is cast to it); through float8 operands when ``fp8``: with delayed
+    scaling when the site's (x, w, g) ``scales`` are given (:mod:`jaxbert.model.fp8_delayed`), else with current
+    scaling (:mod:`jaxbert.model.fp8`)."""
     w = w.astype(x.dtype)
-    return fp8_matmul(x, w) if fp8 else x @ w
+    if not fp8:
+        return x @ w
+    return fp8_matmul(x, w) if scales is None else delayed_matmul(x, w, scales)
 
 
 class Dense(eqx.Module):
@@ -91,8 +96,8 @@ class Dense(eqx.Module):
         self.weight = trunc_normal(key, (din, dout), std)
         self.bias = jnp.zeros((dout,), jnp.float32) if bias else None
 
-    def __call__(self, x: Array, fp8: bool = False) -> Array:
-        return add_bias(matmul(x, self.weight, fp8), self.bias)
+    def __call__(self, x: Array, fp8: bool = False, scales: Optional[Array] = None) -> Array:
+        return add_bias(matmul(x, self.weight, fp8, scales), self.bias)
 
 
 def add_bias(y: Array, bias: Optional[Array]) -> Array:
@@ -100,10 +105,10 @@ def add_bias(y: Array, bias: Optional[Array]) -> Array:
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-def dense_block(layer: Dense, x: Array, i: int, n: int, fp8: bool) -> Array:
+def dense_block(layer: Dense, x: Array, i: int, n: int, fp8: bool, scales: Optional[Array] = None) -> Array:
     """Output columns ``[i * n, (i + 1) * n)`` of ``layer(x)``, from a matmul on that block of the weight."""
     bias = None if layer.bias is None else layer.bias[i * n:(i + 1) * n]
-    return add_bias(matmul(x, layer.weight[:, i * n:(i + 1) * n], fp8), bias)
+    return add_bias(matmul(x, layer.weight[:, i * n:(i + 1) * n], fp8, scales), bias)
 
 
 class LayerNorm(eqx.Module):
@@ -206,28 +211,32 @@ class EncoderLayer(eqx.Module):
         self.ffn_norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
 
     def _attend(self, x: Array, mask: Optional[Array], cfg: ModelConfig, implementation: str,
-                key: Optional[PRNGKeyArray], fp8: bool) -> Array:
+                key: Optional[PRNGKeyArray], fp8: bool, scales: Optional[Array]) -> Array:
         b, s, _ = x.shape
         # Three matmuls on column blocks of the fused [q | k | v] weight: each output is already a contiguous
         # (b, s, heads, head_dim) array, where slicing one fused output would copy q, k and v (and concatenate
         # their gradients) around the attention kernel in every layer.
-        q, k, v = (dense_block(self.qkv, x, i, cfg.hidden, fp8).reshape(b, s, cfg.heads, cfg.head_dim)
-                   for i in range(3))
+        q, k, v = (dense_block(self.qkv, x, i, cfg.hidden, fp8, _site(scales, i))
+                   .reshape(b, s, cfg.heads, cfg.head_dim) for i in range(3))
         ctx = attention(q, k, v, mask, implementation, cfg.attention_dropout, key)
-        return self.out(ctx.reshape(b, s, cfg.hidden), fp8)
+        return self.out(ctx.reshape(b, s, cfg.hidden), fp8, _site(scales, 3))
 
-    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool) -> Array:
+    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool, scales: Optional[Array]) -> Array:
         if cfg.ffn_type != "glu":
-            return self.ffn_out(activation(self.ffn_in(x, fp8), cfg.activation), fp8)
+            return self.ffn_out(activation(self.ffn_in(x, fp8, _site(scales, 4)), cfg.activation), fp8,
+                                _site(scales, 5))
         # two matmuls on the column blocks [a | b] of ffn_in, as for qkv: no slice copies of a fused output
+        # (delayed FP8 scaling has one site per Dense, so it is refused with GLU by the config)
         a, g = (dense_block(self.ffn_in, x, i, cfg.ffn, fp8) for i in range(2))
         return self.ffn_out(activation(a, cfg.activation) * g, fp8)
 
     def __call__(self, x: Array | tuple[Array, Array], mask: Optional[Array], cfg: ModelConfig,
-                 implementation: str | Kernels, key: Optional[PRNGKeyArray],
-                 fp8: bool = False) -> Array | tuple[Array, Array]:
+                 implementation: str | Kernels, key: Optional[PRNGKeyArray], fp8: bool = False,
+                 scales: Optional[Array] = None) -> Array | tuple[Array, Array]:
         """One layer. ``implementation``: the :class:`~jaxbert.config.Kernels` (a plain attention name: XLA
-        LayerNorms). ``fp8``: the six matmuls of the layer through float8 operands (:mod:`jaxbert.model.fp8`).
+        LayerNorms). ``fp8``: the six matmuls of the layer through float8 operands (:mod:`jaxbert.model.fp8`);
+        with ``scales`` (``(6, 3)``: per site q, k, v, out, ffn_in, ffn_out, the x, w, g scales) by delayed
+        scaling (:mod:`jaxbert.model.fp8_delayed`).
 
         Post-LN: ``x`` is the hidden states and the layer returns its output. Pre-LN: ``x`` is a pair
         ``(stream, pending)`` whose sum is the layer's input, and the layer returns the pair for the next one:
@@ -237,11 +246,15 @@ class EncoderLayer(eqx.Module):
         kernels = Kernels.of(implementation)
         keys = [None, None, None] if key is None else list(jax.random.split(key, 3))
         if cfg.post_ln:
-            x = self.attn_norm(x + dropout(self._attend(x, mask, cfg, kernels.attention, keys[0], fp8), cfg.dropout,
-                                           keys[1]))
-            return self.ffn_norm(x + dropout(self._feed_forward(x, cfg, fp8), cfg.dropout, keys[2]))
+            x = self.attn_norm(x + dropout(self._attend(x, mask, cfg, kernels.attention, keys[0], fp8, scales),
+                                           cfg.dropout, keys[1]))
+            return self.ffn_norm(x + dropout(self._feed_forward(x, cfg, fp8, scales), cfg.dropout, keys[2]))
         stream, pending = x
         stream, normed = self.attn_norm.add(stream, pending, kernels.norm)
-        h = self._attend(normed, mask, cfg, kernels.attention, keys[0], fp8)
+        h = self._attend(normed, mask, cfg, kernels.attention, keys[0], fp8, scales)
         stream, normed = self.ffn_norm.add(stream, dropout(h, cfg.dropout, keys[1]), kernels.norm)
-        return stream, dropout(self._feed_forward(normed, cfg, fp8), cfg.dropout, keys[2])
+        return stream, dropout(self._feed_forward(normed, cfg, fp8, scales), cfg.dropout, keys[2])
+
+
+def _site(scales: Optional[Array], index: int) -> Optional[Array]:
+    return None if scales is None else scales[index]
