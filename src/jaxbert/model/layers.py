@@ -211,7 +211,7 @@ class EncoderLayer(eqx.Module):
         self.ffn_norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
 
     def _attend(self, x: Array, mask: Optional[Array], cfg: ModelConfig, implementation: str,
-                key: Optional[PRNGKeyArray], fp8: bool, scales: Optional[Array]) -> Array:
+                key: Optional[PRNGKeyArray], fp8: bool, scales: Optional[Array] = None) -> Array:
         b, s, _ = x.shape
         # Three matmuls on column blocks of the fused [q | k | v] weight: each output is already a contiguous
         # (b, s, heads, head_dim) array, where slicing one fused output would copy q, k and v (and concatenate
@@ -221,7 +221,7 @@ class EncoderLayer(eqx.Module):
         ctx = attention(q, k, v, mask, implementation, cfg.attention_dropout, key)
         return self.out(ctx.reshape(b, s, cfg.hidden), fp8, _site(scales, 3))
 
-    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool, scales: Optional[Array]) -> Array:
+    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool, scales: Optional[Array] = None) -> Array:
         if cfg.ffn_type != "glu":
             return self.ffn_out(activation(self.ffn_in(x, fp8, _site(scales, 4)), cfg.activation), fp8,
                                 _site(scales, 5))
