@@ -44,6 +44,7 @@ def test_overrides_apply_with_types():
     (["train.precision=fp4"], "train.precision"),
     (["train.batch_end=100"], "train.batch_end"),  # not a multiple of micro_batch
     (["impl.attention=flash"], "impl.attention"),
+    (["impl.attention=pallas", "finetune.max_len=512", "model.max_positions=512"], "impl.attention"),  # seq > 256
     (["data.max_predictions=0"], "data.max_predictions"),
     (["data.seq_len=64", "data.max_predictions=9"], "data.max_predictions"),  # 15% of 64 is 10
 ])
