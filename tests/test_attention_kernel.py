@@ -60,9 +60,25 @@ def test_bfloat16_close_to_xla(seq, head_dim, lengths):
     _assert_matches(q, k, v, do, mask, tol=2e-2)
 
 
-def test_forward_blocks_of_query_rows_equal_one_block():
+@pytest.mark.parametrize("block_q", [None, 32])  # the whole sequence, a quarter of it (the default is 64)
+def test_forward_blocks_of_query_rows(block_q):
     q, k, v, do, mask = _inputs(128, 32, jnp.float32, [90, 128])
-    _assert_matches(q, k, v, do, mask, tol=1e-5, options=KernelOptions(block_q=32))
+    _assert_matches(q, k, v, do, mask, tol=1e-5, options=KernelOptions(block_q=block_q))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernels_lower_to_triton_for_the_gpu(masked):
+    # Lowering for CUDA runs Pallas' Triton lowering on this machine: it rejects what the interpreter accepts
+    # but Triton cannot express (the compile to GPU code itself happens on the GPU only).
+    x = jax.ShapeDtypeStruct((2, 128, 2, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((2, 128), jnp.bool_) if masked else None
+
+    def fwd_bwd(q, k, v, do, m):
+        out, pull = jax.vjp(lambda a, b, c: short_attention(a, b, c, m), q, k, v)
+        return out, *pull(do)
+
+    text = jax.jit(fwd_bwd).trace(x, x, x, x, mask).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
 
 
 def test_fully_masked_sequence_matches_reference_without_nan():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Optional
 
@@ -39,13 +40,14 @@ MASK_VALUE = -1e30  # score of a masked key: finite, so no inf - inf
 _KEEP, _MASKED, _UNIFORM, _PAD = 1, 0, 2, -1
 
 _SQUEEZED = getattr(pl, "squeezed", None)  # a block dimension the kernel does not see (None in older jax)
+_NAMED = "name" in inspect.signature(pl.pallas_call).parameters  # kernel names show in GPU profiles
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
     """Launch settings of the two kernels; they change speed, never results."""
 
-    block_q: Optional[int] = None  # query rows per forward program (None: the whole sequence)
+    block_q: Optional[int] = 64  # query rows per forward program, a power of two (None: the whole sequence)
     num_warps: int = 4  # forward
     num_warps_bwd: int = 8  # backward
     num_stages: int = 1  # no loop to pipeline: one tile per program
@@ -145,7 +147,7 @@ def _forward(q, k, v, codes, st: _Static):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
         compiler_params=_compiler_params(st.options.num_warps, st.options.num_stages),
         interpret=st.interpret,
-        name="short_attention_fwd",
+        **({"name": "short_attention_fwd"} if _NAMED else {}),
     )(*args)
 
 
@@ -167,7 +169,7 @@ def _backward(q, k, v, codes, lse, do, st: _Static):
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
         compiler_params=_compiler_params(st.options.num_warps_bwd, st.options.num_stages),
         interpret=st.interpret,
-        name="short_attention_bwd",
+        **({"name": "short_attention_bwd"} if _NAMED else {}),
     )(*args)
 
 
