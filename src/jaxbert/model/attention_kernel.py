@@ -17,6 +17,9 @@ tiles need them, and at least 16) are padded here, the padded keys masked out.
 Masking follows :func:`jax.nn.dot_product_attention` with a boolean key mask: masked scores become a large
 negative finite number; a sequence with no real key attends uniformly over its (masked) keys and passes no
 gradient to q or k, as the reference does, and never produces NaN.
+
+Not yet measured on a multi-device mesh: XLA cannot partition a Triton custom call as it partitions cuDNN's
+attention (which has partitioning rules), so under a sharded batch it may gather the inputs to every device.
 """
 
 from __future__ import annotations
