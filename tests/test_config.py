@@ -46,6 +46,7 @@ def test_overrides_apply_with_types():
     (["impl.attention=flash"], "impl.attention"),
     (["impl.norm=pallas_interpret"], "impl.norm"),  # the interpreter is for tests, not a config value
     (["model.ffn_type=swiglu"], "model.ffn_type"),
+    (["impl.attention=pallas", "finetune.max_len=512", "model.max_positions=512"], "impl.attention"),  # seq > 256
     (["data.max_predictions=0"], "data.max_predictions"),
     (["data.seq_len=64", "data.max_predictions=9"], "data.max_predictions"),  # 15% of 64 is 10
 ])

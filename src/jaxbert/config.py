@@ -207,7 +207,9 @@ class Kernels:
 class ImplConfig:
     """Settings that change speed, never results."""
 
-    attention: str = "auto"  # auto | xla | cudnn
+    # auto | xla | cudnn | pallas (short-sequence Pallas kernel, GPU, seq <= 256) | pallas_interpret (the same
+    # kernel interpreted: any backend, slow; for tests). auto: cudnn on GPU for 16-bit compute, else xla
+    attention: str = "auto"
     # LayerNorm (with the residual add before it, pre-LN): auto (the Pallas kernel on one GPU for 16-bit
     # compute, else XLA) | xla | pallas (jaxbert.model.norm_kernels)
     norm: str = "xla"
@@ -322,6 +324,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 _PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 _TRAIN_PRECISIONS = _PRECISIONS + ("fp8_delayed",)  # delayed scaling needs the pretraining state's histories
+_ATTENTIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
 
 
 def validate(cfg: Config) -> Config:
@@ -383,7 +386,9 @@ def validate(cfg: Config) -> Config:
         _check(getattr(f, name) > 0, f"finetune.{name}", f"must be positive, got {getattr(f, name)}")
     _check(f.lr > 0, "finetune.lr", "must be positive")
     _check(i.pad_multiple > 0, "impl.pad_multiple", "must be positive")
-    _check(i.attention in ("auto", "xla", "cudnn"), "impl.attention", f"expected auto|xla|cudnn, got {i.attention!r}")
+    _check(i.attention in _ATTENTIONS, "impl.attention", f"expected one of {_ATTENTIONS}, got {i.attention!r}")
+    _check(not i.attention.startswith("pallas") or (max(d.seq_len, f.max_len) <= 256 and m.head_dim <= 128),
+           "impl.attention", f"{i.attention} needs data.seq_len and finetune.max_len <= 256 and head_dim <= 128")
     _check(i.norm in ("auto", "xla", "pallas"), "impl.norm", f"expected auto|xla|pallas, got {i.norm!r}")
     _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
     _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")

@@ -158,7 +158,10 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], 
 
     ``mask`` marks real (True) and padding (False) key positions; None means no padding. ``implementation``:
     ``xla``, ``cudnn`` (flash attention on NVIDIA GPUs; with a mask, padding must be on the right, as
-    :func:`jaxbert.data.glue` batches are) or ``auto`` (cuDNN on GPU for 16-bit inputs, else XLA).
+    :func:`jaxbert.data.glue` batches are), ``pallas`` (the short-sequence kernel of
+    :mod:`jaxbert.model.attention_kernel`, GPU, seq <= 256), ``pallas_interpret`` (the same kernel run by
+    Pallas' interpreter on any backend, for tests) or ``auto`` (cuDNN on GPU for 16-bit inputs, else XLA).
+    Attention dropout (``dropout_rate`` with a ``key``) always takes the XLA path.
     """
     if dropout_rate > 0.0 and key is not None:
         return _attention_with_dropout(q, k, v, mask, dropout_rate, key)
@@ -170,6 +173,10 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], 
     if implementation == "cudnn":
         lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    if implementation in ("pallas", "pallas_interpret"):
+        from .attention_kernel import short_attention
+
+        return short_attention(q, k, v, mask, interpret=implementation == "pallas_interpret").astype(dtype)
     bias_mask = None if mask is None else mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="xla").astype(dtype)
 
