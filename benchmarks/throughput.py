@@ -20,8 +20,10 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +138,24 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def commit() -> str:
+    """The commit measured: $COMMIT when set (a copied tree on the device may report a stale HEAD), else git's."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def finish(all_rows: list[dict[str, Any]], out: Path) -> str:
     """Apply the run's best ceiling to every row; the table of all cases with ratios to HF compiled."""
     ceiling = bench.median_ceiling(all_rows)
+    stamp = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit()}
+    for r in all_rows:
+        for key, value in stamp.items():
+            r.setdefault(key, value)
     lines = [f"bf16 matmul ceiling measured in this run (median): {ceiling or float('nan'):.0f} TFLOP/s"]
     for r in all_rows:
         if ceiling and "tokens_per_s" in r:
