@@ -259,12 +259,15 @@ def test_token_classification_head_is_not_taken_for_a_sequence_classifier(tmp_pa
 # --- export, loaded back by transformers ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("post_ln,pad_id", [(True, 0), (False, 0), (False, 3)],
-                         ids=["post_ln", "pre_ln", "pre_ln_pad3"])
-def test_export_mlm_loads_in_transformers(tmp_path, post_ln, pad_id):
+@pytest.mark.parametrize("post_ln,pad_id,activation", [(True, 0, "gelu"), (False, 0, "gelu"), (False, 3, "gelu"),
+                                                        (True, 0, "gelu_tanh"), (False, 0, "gelu_tanh")],
+                         ids=["post_ln", "pre_ln", "pre_ln_pad3", "post_ln_tanh", "pre_ln_tanh"])
+def test_export_mlm_loads_in_transformers(tmp_path, post_ln, pad_id, activation):
+    """MLM logits equal transformers' too with the default tanh GELU: a pre-LN model's MLM head uses exact GELU,
+    as RobertaPreLayerNorm's does, and a post-LN model's follows hidden_act, as BERT's does."""
     transformers = pytest.importorskip("transformers")
     tokenizer = _tokenizer(tmp_path, pad_id)
-    model = _model(tokenizer.vocab_size, post_ln)
+    model = _model(tokenizer.vocab_size, post_ln, activation=activation)
     _save_jaxbert(tmp_path / "ours", model, tokenizer)
     assert export_main([str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
     expected = {"model.safetensors", "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",

@@ -13,7 +13,6 @@ renamed into place (:func:`jaxbert.io.atomic_dir`), and an existing non-empty ta
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,10 +110,6 @@ def export_hf(model: BertForMLM | BertForClassification, tokenizer: Tokenizer, o
     if id2label and num_labels is not None and len(id2label) == num_labels:
         hf_config["id2label"] = dict(id2label)
         hf_config["label2id"] = {name: int(i) for i, name in id2label.items()}
-    if not cfg.post_ln and cfg.activation != "gelu" and num_labels is None:
-        warnings.warn("RobertaPreLayerNorm's MLM head always uses exact GELU; this model's head uses "
-                      f"{cfg.activation}, so HF MLM logits will differ slightly (hidden states are exact)",
-                      stacklevel=2)
     state = model_to_hf_state(model, pad_id=special.pad)
 
     def write(tmp: Path) -> dict[str, Any]:

@@ -34,6 +34,13 @@ class MLMHead(eqx.Module):
         return decode(h, token_embedding) + self.bias
 
 
+def head_activation(cfg: ModelConfig) -> str:
+    """The MLM head's GELU: the encoder's (``model.activation``) for post-LN models, whose HF format (BERT) applies
+    ``hidden_act`` in the head too; exact GELU for pre-LN models, whose HF format (RobertaPreLayerNorm) hard-codes
+    it. Either way an exported MLM model computes the same logits in transformers."""
+    return cfg.activation if cfg.post_ln else "gelu"
+
+
 @jax.custom_vjp
 def decode(h: Array, table: Float[Array, "vocab hidden"]) -> Float[Array, "... vocab"]:
     """float32 logits ``h @ table.T`` from ``h`` in the compute dtype and the float32 (tied) embedding table.
@@ -85,7 +92,7 @@ class BertForMLM(eqx.Module):
                            fp8_scales=fp8_scales)
         if positions is not None:
             hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-        return self.mlm(hidden, self.bert.embeddings.token, self.config.activation, Kernels.of(attention).norm)
+        return self.mlm(hidden, self.bert.embeddings.token, head_activation(self.config), Kernels.of(attention).norm)
 
 
 class BertForClassification(eqx.Module):
