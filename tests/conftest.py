@@ -45,3 +45,12 @@ def tiny(*extra: str):
 def tiny_config():
     """A very small model config (2 layers, hidden 32) for fast tests."""
     return tiny()
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    """A stand-in tokenizer folder: checkpoints copy it, nothing reads it."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text('{"stand-in": true}')
+    return folder

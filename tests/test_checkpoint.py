@@ -28,14 +28,6 @@ def state(cfg):
     return init_state(cfg, key=jax.random.PRNGKey(0))
 
 
-@pytest.fixture
-def tokenizer_dir(tmp_path):
-    folder = tmp_path / "tok"
-    folder.mkdir()
-    (folder / "tokenizer.json").write_text('{"stand-in": true}')
-    return folder
-
-
 def _template(cfg):
     return eqx.filter_eval_shape(init_state, cfg, key=jax.random.PRNGKey(0))
 

@@ -204,14 +204,6 @@ def test_a_tiny_model_trains_with_delayed_scaling():
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-@pytest.fixture
-def tokenizer_dir(tmp_path):
-    folder = tmp_path / "tok"
-    folder.mkdir()
-    (folder / "tokenizer.json").write_text('{"stand-in": true}')
-    return folder
-
-
 def test_checkpoint_round_trip_keeps_the_histories_bit_identical(tmp_path, tokenizer_dir):
     cfg = _cfg()
     spec = make_spec(cfg, SPECIAL, 4)

@@ -20,9 +20,7 @@ backward as a training step runs them). Exit status 1 when any setting FAILs or 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxbert.model.attention_kernel import KernelOptions, short_attention  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 SETTING_KEYS = {"bq": "block_q", "w": "num_warps", "wb": "num_warps_bwd", "st": "num_stages"}
@@ -69,15 +68,6 @@ def forward_backward(attend):
     return jax.jit(run)
 
 
-def median_ms(fn, args, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def rel_errors(got, want) -> list[float]:

@@ -19,9 +19,7 @@ Exits 1 on any FAIL. A model-level timing is `jaxbert bench --config base impl.n
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ import numpy as np
 
 from jaxbert.model import norm_kernels
 from jaxbert.model.norm_kernels import add_layer_norm, layer_norm
+from timing import median_ms
 
 EPS = 1e-12  # BERT's
 FAILURES: list[str] = []
@@ -139,16 +138,6 @@ def check_model() -> None:
            f"fp32: pallas {e_p:.2e}, xla {e_x:.2e}")
 
 
-def median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def time_shapes(rows: int, widths: list[int], iters: int, sweep: bool) -> None:
@@ -158,8 +147,8 @@ def time_shapes(rows: int, widths: list[int], iters: int, sweep: bool) -> None:
             what = "add+LN" if with_h else "LN"
             # bf16 tensors read or written once: x, h, s, y forward, s, g_s, g_y, ds backward (LN: x, y; x, g_y, dx)
             moved = rows * width * 2 * (8 if with_h else 5)
-            xla = median_ms(fwd_bwd("xla", with_h), args, iters)
-            pallas = median_ms(fwd_bwd(KERNEL, with_h), args, iters)
+            xla = median_ms(fwd_bwd("xla", with_h), args, repeats=iters)
+            pallas = median_ms(fwd_bwd(KERNEL, with_h), args, repeats=iters)
             print(f"TIME {what} fwd+bwd {rows}x{width} bf16: xla {xla:.3f} ms, pallas {pallas:.3f} ms "
                   f"(xla/pallas {xla / pallas:.2f}; {moved / 1e6:.0f} MB of tensors once: "
                   f"xla {moved / xla / 1e6:.0f} GB/s, pallas {moved / pallas / 1e6:.0f} GB/s)", flush=True)
@@ -171,7 +160,7 @@ def time_shapes(rows: int, widths: list[int], iters: int, sweep: bool) -> None:
             for elements in (1024, 2048, 4096, 8192):
                 for programs in (264, 512, 1056, 2112):
                     norm_kernels.BLOCK_ELEMENTS, norm_kernels.BACKWARD_PROGRAMS = elements, programs
-                    ms = median_ms(fwd_bwd(KERNEL), args, iters)
+                    ms = median_ms(fwd_bwd(KERNEL), args, repeats=iters)
                     print(f"SWEEP {rows}x{width} BLOCK_ELEMENTS={elements} BACKWARD_PROGRAMS={programs}: "
                           f"{ms:.3f} ms", flush=True)
                     best = min(best or (ms, elements, programs), (ms, elements, programs))

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
@@ -33,6 +31,7 @@ import numpy as np  # noqa: E402
 from jaxbert.model.fp8 import fp8_matmul  # noqa: E402
 from jaxbert.model.fp8_delayed import delayed_matmul, scales_from_amax  # noqa: E402
 from jaxbert.model.layers import layer_norm  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 FAILURES: list[str] = []
 
@@ -49,15 +48,6 @@ def errors(got, ref) -> tuple[float, float]:
     return diff, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def median_ms(fn, args, warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def step_fn(mm):
