@@ -206,7 +206,7 @@ def _glu_reference(layer, x, cfg):
     """The gated feed-forward written plainly: one fused ffn_in output split in halves, autodiff GELU."""
     h = x @ layer.ffn_in.weight + (0.0 if layer.ffn_in.bias is None else layer.ffn_in.bias)
     a, g = jnp.split(h, 2, axis=-1)
-    out = (jax.nn.gelu(a, approximate=False) * g) @ layer.ffn_out.weight
+    out = (jax.nn.gelu(a, approximate=cfg.activation == "gelu_tanh") * g) @ layer.ffn_out.weight
     return out + (0.0 if layer.ffn_out.bias is None else layer.ffn_out.bias)
 
 
