@@ -377,6 +377,9 @@ def validate(cfg: Config) -> Config:
            f"expected one of {_TRAIN_PRECISIONS}, got {t.precision!r}")
     _check(t.precision != "fp8_delayed" or t.objective == "mlm", "train.precision",
            "fp8_delayed supports train.objective=mlm only")
+    _check(t.precision != "fp8_delayed" or cfg.model.activation == "gelu", "train.precision",
+           "fp8_delayed needs model.activation=gelu: with gelu_tanh XLA's GPU compiler fuses the GELU into an FP8 "
+           "GEMM epilogue it cannot compile (jax 0.11.2, H200; benchmarks/RESULTS.md)")
     _check(t.precision != "fp8_delayed" or cfg.model.ffn_type == "mlp", "train.precision",
            "fp8_delayed keeps one amax history per linear layer; model.ffn_type=glu splits ffn_in in two")
     _check(t.fp8_history >= 1, "train.fp8_history", f"must be at least 1, got {t.fp8_history}")
