@@ -119,3 +119,32 @@ def test_scaling_table_efficiency_against_one_device():
             {"side": "jaxbert", "case": "dp-4", "group": "dp", "devices": 4, "error": "only 2 local device(s)"}]
     text = throughput.scaling_table(rows)
     assert "95.0%" in text and "100.0%" in text and "dp-4       error: only 2 local device(s)" in text
+
+
+def test_hlo_census_counts_data_movement_inside_fusions_too():
+    """benchmarks/kernels/hlo_census.py: transposes, copies and converts with their bytes, fused or not."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "hlo_census.py"
+    spec = importlib.util.spec_from_file_location("hlo_census", path)
+    hlo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hlo)
+    text = """HloModule jit_single_step
+
+%fused_computation.1 (p: bf16[4,8]) -> bf16[8,4] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  ROOT %transpose.1 = bf16[8,4]{1,0} transpose(%p), dimensions={1,0}
+}
+
+ENTRY %main.9 (a: f32[4,8]) -> bf16[8,4] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %convert.2 = bf16[4,8]{1,0} convert(%a), metadata={op_name="jit(single_step)/convert_element_type"}
+  %add.3 = bf16[4,8]{1,0} add(%convert.2, %convert.2)
+  ROOT %fusion.4 = bf16[8,4]{1,0} fusion(%add.3), kind=kLoop, calls=%fused_computation.1
+}
+"""
+    records = hlo.census(text)
+    assert [(r["op"], r["bytes"], r["computation"]) for r in records] == [
+        ("transpose", 64, "fused_computation.1"), ("convert", 64, "main.9")]
+    assert records[1]["op_name"] == "jit(single_step)/convert_element_type"
