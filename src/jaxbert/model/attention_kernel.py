@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from .pallas_gpu import launch
 
 MAX_SEQ = 256
 MAX_HEAD_DIM = 128
@@ -43,7 +44,6 @@ MASK_VALUE = -1e30  # score of a masked key: finite, so no inf - inf
 _KEEP, _MASKED, _UNIFORM, _PAD = 1, 0, 2, -1
 
 _SQUEEZED = getattr(pl, "squeezed", None)  # a block dimension the kernel does not see (None in older jax)
-_NAMED = "name" in inspect.signature(pl.pallas_call).parameters  # kernel names show in GPU profiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,19 +63,6 @@ class _Static:
     interpret: bool
     options: KernelOptions
 
-
-def _compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler parameters under the name the installed jax uses."""
-    from jax.experimental.pallas import triton as plgpu
-
-    for name in ("CompilerParams", "TritonCompilerParams"):
-        cls = getattr(plgpu, name, None)
-        if cls is not None:
-            try:
-                return cls(num_warps=num_warps, num_stages=num_stages)
-            except TypeError:
-                pass
-    return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -148,9 +135,7 @@ def _forward(q, k, v, codes, st: _Static):
         out_specs=[_slab(block_q, dim, True),
                    pl.BlockSpec((_SQUEEZED, _SQUEEZED, block_q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
-        compiler_params=_compiler_params(st.options.num_warps, st.options.num_stages),
-        interpret=st.interpret,
-        **({"name": "short_attention_fwd"} if _NAMED else {}),
+        **launch("short_attention_fwd", st.options.num_warps, st.interpret, st.options.num_stages),
     )(*args)
 
 
@@ -170,9 +155,7 @@ def _backward(q, k, v, codes, lse, do, st: _Static):
         in_specs=in_specs,
         out_specs=[slab, slab, slab],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
-        compiler_params=_compiler_params(st.options.num_warps_bwd, st.options.num_stages),
-        interpret=st.interpret,
-        **({"name": "short_attention_bwd"} if _NAMED else {}),
+        **launch("short_attention_bwd", st.options.num_warps_bwd, st.interpret, st.options.num_stages),
     )(*args)
 
 

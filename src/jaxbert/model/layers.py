@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import Kernels, ModelConfig
+from .attention_kernel import short_attention
 from .fp8 import fp8_matmul
 from .fp8_delayed import delayed_matmul
 from .norm_kernels import add_layer_norm, layer_norm
@@ -174,8 +175,6 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], 
         lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     if implementation in ("pallas", "pallas_interpret"):
-        from .attention_kernel import short_attention
-
         return short_attention(q, k, v, mask, interpret=implementation == "pallas_interpret").astype(dtype)
     bias_mask = None if mask is None else mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="xla").astype(dtype)

@@ -23,10 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # the Triton flavour of Pallas; only its load/store (with masks) and compiler parameters are used
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - a jax without the Triton backend: xla only
-    plgpu = None
+from .pallas_gpu import launch, plgpu  # Triton's masked load/store
 
 Array = jax.Array
 
@@ -107,14 +104,6 @@ def _layout(width: int) -> tuple[int, int, int]:
     return padded, block_rows, 8 if block_rows * padded >= 4096 else 4
 
 
-def _compiler_params(num_warps: int, interpret: bool) -> dict:
-    if interpret or plgpu is None:
-        return {}
-    try:
-        return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps)}
-    except TypeError:  # pragma: no cover - a jax whose Triton parameters differ: its defaults
-        return {}
-
 
 def _load(ref, mask: Array) -> Array:
     return plgpu.load(ref, mask=mask, other=0.0).astype(jnp.float32)
@@ -189,8 +178,8 @@ def _forward(x: Array, h: Optional[Array], scale: Array, bias: Array, eps: float
     if h is not None:
         shapes.append(jax.ShapeDtypeStruct((n, width), x.dtype))
     inputs = (x, scale, bias) if h is None else (x, h, scale, bias)
-    outs = pl.pallas_call(kernel, out_shape=tuple(shapes), grid=(pl.cdiv(n, block_rows),), interpret=interpret,
-                          name="add_layer_norm_fwd", **_compiler_params(warps, interpret))(*inputs)
+    outs = pl.pallas_call(kernel, out_shape=tuple(shapes), grid=(pl.cdiv(n, block_rows),),
+                          **launch("add_layer_norm_fwd", warps, interpret))(*inputs)
     y, mean, rstd = outs[:3]
     return y, (x if h is None else outs[3]), mean, rstd
 
@@ -208,7 +197,7 @@ def _backward(s: Array, gy: Array, gs: Optional[Array], mean: Array, rstd: Array
     inputs = (s, gy, mean, rstd, scale) if gs is None else (s, gy, gs, mean, rstd, scale)
     ds, d_scale, d_bias = pl.pallas_call(
         kernel, out_shape=(jax.ShapeDtypeStruct((n, width), s.dtype), partial, partial), grid=(programs,),
-        interpret=interpret, name="add_layer_norm_bwd", **_compiler_params(warps, interpret))(*inputs)
+        **launch("add_layer_norm_bwd", warps, interpret))(*inputs)
     total = lambda p: p.reshape(programs, padded)[:, :width].sum(axis=0)  # noqa: E731
     return ds, total(d_scale), total(d_bias)
 
