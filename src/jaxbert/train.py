@@ -406,11 +406,16 @@ class CompileClock:
               "/jax/core/compile/backend_compile_duration")
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self._seconds = 0.0
 
     def _listen(self, event: str, duration: float, **_: Any) -> None:
         if event in self.EVENTS:
-            self.seconds += duration
+            self._seconds += duration
+
+    def take(self) -> float:
+        """The seconds spent compiling since the last call."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
 
     def __enter__(self) -> "CompileClock":
         jax.monitoring.register_event_duration_secs_listener(self._listen)
@@ -425,13 +430,14 @@ def _run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec
               on_log: Callable[[int, dict[str, float]], None], should_stop: Callable[[], bool],
               compiling: CompileClock) -> tuple[TrainState, Progress, str]:
     t, mb = cfg.train, cfg.train.micro_batch
-    schedule, pending, excluded = schedule_for(t), [], 0.0  # excluded: seconds of the first step and hooks
+    # excluded: seconds that are not training time: the first step, compiling later on, hooks
+    schedule, pending, excluded = schedule_for(t), [], 0.0
     start, base_elapsed, last_log = time.perf_counter(), progress.elapsed_seconds, time.perf_counter()
     start_step = progress.step
     accum: Optional[Accumulator] = None
     reason = "done"
     while True:
-        elapsed = base_elapsed + time.perf_counter() - start - excluded - compiling.seconds
+        elapsed = base_elapsed + time.perf_counter() - start - excluded
         fraction = progress_at(t, progress.step, elapsed)
         if t.budget_minutes is not None and fraction >= 1:  # the clock at the stop (logging ran since the step)
             progress = Progress(progress.step, progress.data_position, max(elapsed, progress.elapsed_seconds))
@@ -452,11 +458,13 @@ def _run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec
                 accum = micro_step(state, accum, jnp.asarray(next(micro_batches)), jnp.int32(i * mb), spec)
             state, accum, metrics = apply_step(lr, state, accum, spec)
         timed = k * mb  # samples counted for throughput
+        compiled = compiling.take()  # a step compiles as it is dispatched
         if progress.step == start_step:  # the first step compiles: neither training time nor throughput
             jax.block_until_ready(metrics)
             excluded, last_log, timed = time.perf_counter() - start, time.perf_counter(), 0
-            compiling.seconds = 0.0  # inside the first step's excluded time already
-        elapsed = base_elapsed + time.perf_counter() - start - excluded - compiling.seconds
+        else:
+            excluded, last_log = excluded + compiled, last_log + compiled
+        elapsed = base_elapsed + time.perf_counter() - start - excluded
         progress = Progress(progress.step + 1, progress.data_position + k * mb, elapsed)
         pending.append((metrics, k * mb, timed))
         if len(pending) >= max(cfg.impl.log_every, 1):
@@ -464,12 +472,12 @@ def _run_loop(cfg: Config, state: TrainState, progress: Progress, spec: StepSpec
             on_log(progress.step, _summarise(pending, now - last_log, cfg.data.seq_len, fraction))
             last_log, pending = now, []
             _check_skipped(state, t.max_skipped_steps)
-        hook_start, compiled_before = time.perf_counter(), compiling.seconds
+        hook_start = time.perf_counter()
         for hook in hooks:
             if hook.every > 0 and progress.step % hook.every == 0:
                 hook.fn(state, progress)
         excluded += time.perf_counter() - hook_start
-        compiling.seconds = compiled_before  # a hook's compilation is in its excluded time already
+        compiling.take()  # a hook's compilation is inside its excluded time already
         last_log += time.perf_counter() - hook_start  # throughput is of training alone
     if pending:
         on_log(progress.step, _summarise(pending, time.perf_counter() - last_log, cfg.data.seq_len,
