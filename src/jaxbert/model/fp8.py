@@ -48,7 +48,7 @@ def dequantize(q: Array, inverse_scale: Array, dtype: jnp.dtype) -> Array:
     return q.astype(dtype) * inverse_scale.astype(dtype)
 
 
-def _dot(a: Array, b: Array, dtype: jnp.dtype, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
+def dot(a: Array, b: Array, dtype: jnp.dtype, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
     return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=dtype)
 
 
@@ -69,7 +69,7 @@ def _fp8_matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple]:
     dtype = x.dtype
     xq, xs = quantize(x, E4M3)
     wq, ws = quantize(w, E4M3)
-    y = _dot(dequantize(xq, xs, dtype), dequantize(wq, ws, dtype), dtype, ((1,), (0,)))
+    y = dot(dequantize(xq, xs, dtype), dequantize(wq, ws, dtype), dtype, ((1,), (0,)))
     return y, (xq, xs, wq, ws)
 
 
@@ -78,8 +78,8 @@ def _fp8_matmul_bwd(res: tuple, g: Array) -> tuple[Array, Array]:
     dtype = g.dtype
     gq, gs = quantize(g, E5M2)
     g_dq = dequantize(gq, gs, dtype)
-    dx = _dot(g_dq, dequantize(wq, ws, dtype), dtype, ((1,), (1,)))  # g @ w.T
-    dw = _dot(dequantize(xq, xs, dtype), g_dq, jnp.float32, ((0,), (0,)))  # x.T @ g, float32 accumulation
+    dx = dot(g_dq, dequantize(wq, ws, dtype), dtype, ((1,), (1,)))  # g @ w.T
+    dw = dot(dequantize(xq, xs, dtype), g_dq, jnp.float32, ((0,), (0,)))  # x.T @ g, float32 accumulation
     return dx, dw.astype(dtype)
 
 

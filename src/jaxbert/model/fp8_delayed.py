@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .fp8 import E4M3, E5M2, dequantize, quantize_with, scale_for
+from .fp8 import E4M3, E5M2, dequantize, dot, quantize_with, scale_for
 
 SITE_NAMES = ("q", "k", "v", "out", "ffn_in", "ffn_out")  # the FP8 matmuls of one encoder layer, in this order
 SITES = len(SITE_NAMES)
@@ -42,9 +42,6 @@ _DTYPES = (E4M3, E4M3, E5M2)
 def _absmax(x: Array) -> Array:
     return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
-
-def _dot(a: Array, b: Array, dtype: jnp.dtype, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=dtype)
 
 
 def scales_from_amax(amax: Float[Array, "... 3"], margin: float = 0.0) -> Float[Array, "... 3"]:
@@ -91,7 +88,7 @@ def _delayed_fwd(x: Array, w: Array, scales: Array) -> tuple[Array, tuple]:
     dtype = x.dtype
     inverse = (1.0 / scales).astype(jnp.float32)
     xq, wq = quantize_with(x, scales[0], E4M3), quantize_with(w, scales[1], E4M3)
-    y = _dot(dequantize(xq, inverse[0], dtype), dequantize(wq, inverse[1], dtype), dtype, ((1,), (0,)))
+    y = dot(dequantize(xq, inverse[0], dtype), dequantize(wq, inverse[1], dtype), dtype, ((1,), (0,)))
     return y, (xq, wq, scales, jnp.stack([_absmax(x), _absmax(w)]))
 
 
@@ -100,8 +97,8 @@ def _delayed_bwd(res: tuple, g: Array) -> tuple[Array, Array, Array]:
     dtype = g.dtype
     inverse = (1.0 / scales).astype(jnp.float32)
     g_dq = dequantize(quantize_with(g, scales[2], E5M2), inverse[2], dtype)
-    dx = _dot(g_dq, dequantize(wq, inverse[1], dtype), dtype, ((1,), (1,)))  # g @ w.T
-    dw = _dot(dequantize(xq, inverse[0], dtype), g_dq, jnp.float32, ((0,), (0,)))  # x.T @ g, float32 accumulation
+    dx = dot(g_dq, dequantize(wq, inverse[1], dtype), dtype, ((1,), (1,)))  # g @ w.T
+    dw = dot(dequantize(xq, inverse[0], dtype), g_dq, jnp.float32, ((0,), (0,)))  # x.T @ g, float32 accumulation
     return dx, dw.astype(dtype), jnp.concatenate([amax_xw, _absmax(g)[None]])
 
 
