@@ -137,6 +137,9 @@ class TrainConfig(OptimizerFields):
     # fp32 | bf16 | fp16 | fp8 (bf16 + FP8 encoder matmuls, current scaling) | fp8_delayed (the same, delayed
     # scaling from amax histories); parameters stay fp32
     precision: str = "fp32"
+    # the MLM logits' dtype in training: "float32", or "compute" (the precision's compute dtype, bf16 under
+    # bf16/fp8: half the memory traffic of the decoder and its loss; the softmax statistics stay float32)
+    mlm_logits: str = "float32"
     fp8_history: int = 16  # fp8_delayed: optimizer steps of amax history per operand
     fp8_margin: float = 0.0  # fp8_delayed: scales leave 2**margin of headroom above the history's amax
     # "mlm", or "electra": a generator (electra_generator x the width) fills the masked positions, the encoder
@@ -382,6 +385,8 @@ def validate(cfg: Config) -> Config:
            "GEMM epilogue it cannot compile (jax 0.11.2, H200; benchmarks/RESULTS.md)")
     _check(t.precision != "fp8_delayed" or cfg.model.ffn_type == "mlp", "train.precision",
            "fp8_delayed keeps one amax history per linear layer; model.ffn_type=glu splits ffn_in in two")
+    _check(t.mlm_logits in ("float32", "compute"), "train.mlm_logits",
+           f"expected float32|compute, got {t.mlm_logits!r}")
     _check(t.fp8_history >= 1, "train.fp8_history", f"must be at least 1, got {t.fp8_history}")
     _check(t.fp8_margin >= 0, "train.fp8_margin", f"must be non-negative, got {t.fp8_margin}")
     _check(f.precision in _PRECISIONS, "finetune.precision", f"expected one of {_PRECISIONS}, got {f.precision!r}")

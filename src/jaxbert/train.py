@@ -65,6 +65,7 @@ class StepSpec:
     # (bytes: hashable, and hashed once); None masks single tokens
     continuation: Optional[bytes] = None
     fp8_margin: float = 0.0  # precision fp8_delayed: headroom of the scales (train.fp8_margin)
+    mlm_logits: str = "float32"  # the MLM logits' dtype: float32 or the compute dtype (train.mlm_logits)
 
 
 def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any = None,
@@ -80,7 +81,7 @@ def make_spec(cfg: Config, special_ids: Sequence[int], mask_id: int, mesh: Any =
                     cfg.model.vocab_size, cfg.data.mlm_probability, cfg.data.max_predictions,
                     AdamWSettings.of(cfg.train), cfg.impl.kernels, cfg.impl.remat, mesh,
                     objective=cfg.train.objective, electra_weight=cfg.train.electra_weight,
-                    continuation=continuation, fp8_margin=cfg.train.fp8_margin)
+                    continuation=continuation, fp8_margin=cfg.train.fp8_margin, mlm_logits=cfg.train.mlm_logits)
 
 
 class TrainState(eqx.Module):
@@ -160,11 +161,11 @@ def mask_rows(ids: jax.Array, key: jax.Array, offset: jax.Array, spec: StepSpec)
 
 def _predictions(model: BertForMLM, batch: MLMBatch, spec: StepSpec, key: Optional[jax.Array],
                  fp8_scales: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-    """Per-slot float32 cross-entropy and correctness ``(b, m)``, from logits at the masked positions only."""
-    logits = model(batch.input_ids, positions=batch.positions, key=key, policy=spec.policy,
-                   attention=spec.attention, remat=spec.remat, fp8_scales=fp8_scales).astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
-    return nll, (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
+    """Per-slot float32 cross-entropy and correctness ``(b, m)``, from logits at the masked positions only (kept
+    in ``spec.mlm_logits``: float32 or the compute dtype)."""
+    return model.mlm_predictions(batch.input_ids, batch.positions, batch.targets, key=key, policy=spec.policy,
+                                 attention=spec.attention, remat=spec.remat, fp8_scales=fp8_scales,
+                                 logits=spec.mlm_logits)
 
 
 def mlm_sums(model: BertForMLM, batch: MLMBatch, spec: StepSpec, key: Optional[jax.Array],
