@@ -171,3 +171,35 @@ def test_bias_free_glu_checkpoint_restores_bitwise_and_needs_the_same_options(tm
         other = config.replace(cfg, model={key: value})
         with pytest.raises(CheckpointError, match=f"model.{key}"):
             ckpt.restore_latest(tmp_path / "run", other, _template(other))
+
+
+def _drop_bias_key(directory):
+    """Make a checkpoint look like one written before bias-free layers became the default: no ``model.bias`` in
+    its config.yaml (the manifest's checksum of the file updated to match)."""
+    import json
+
+    path = directory / ckpt.CONFIG_FILE
+    text = path.read_text()
+    assert text.count("  bias: true\n") == 1
+    path.write_text(text.replace("  bias: true\n", ""))
+    manifest = json.loads((directory / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.CONFIG_FILE] = {"bytes": path.stat().st_size, "sha256": jio.sha256(path)}
+    (directory / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_old_checkpoint_without_the_bias_key_loads_and_resumes_with_biases(tmp_path, tokenizer_dir):
+    old = tiny("model.bias=true")
+    state = init_state(old, key=jax.random.PRNGKey(0))
+    assert state.model.bert.layers.qkv.bias is not None
+    path = _save(tmp_path / "run", old, state, 1, tokenizer_dir)
+    _drop_bias_key(path)
+    assert "bias:" not in (path / ckpt.CONFIG_FILE).read_text().split("tokenizer:")[0]
+    saved, model, _ = ckpt.load_pretrained(tmp_path / "run")
+    assert saved == old and model.bert.layers.qkv.bias is not None
+    assert _equal(model, state.model)
+    resumed = config.load(str(path / ckpt.CONFIG_FILE), stored=True)  # as `jaxbert pretrain --resume` reads it
+    restored, progress, _ = ckpt.restore_latest(tmp_path / "run", resumed, _template(resumed))
+    assert progress.step == 1 and _equal(restored, state)
+    new = tiny()  # today's default cannot continue it: one clear error, not a shape mismatch
+    with pytest.raises(CheckpointError, match="model.bias: checkpoint True, config False"):
+        ckpt.restore_latest(tmp_path / "run", new, _template(new))

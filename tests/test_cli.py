@@ -33,7 +33,7 @@ def test_info_lists_presets_with_parameter_counts(capsys):
     out = capsys.readouterr().out
     for name in ("tiny", "mini", "small", "medium", "base"):
         assert f"\n{name} " in out
-    assert "109,483,776" in out  # pre-LN base with the 30522 vocabulary (see test_model)
+    assert "109,483,776" in out  # pre-LN base with the 30522 vocabulary and biases, as BERT-base (see test_model)
 
 
 def test_console_script_reports_config_errors_in_one_line():

@@ -82,6 +82,37 @@ def test_saved_config_round_trips(tmp_path):
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
+def test_default_encoder_linear_layers_have_no_bias():
+    assert config.ModelConfig().bias is False
+    for name in config.list_presets():  # no shipped preset asks for biases
+        assert config.load(name).model.bias is False, name
+    assert config.load("tiny", ["model.bias=true"]).model.bias is True
+
+
+def _without_bias_key(text: str) -> str:
+    """A saved config.yaml as written before ``model.bias`` had its current default (no ``bias`` key)."""
+    lines = text.splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() not in ("bias: true", "bias: false")]
+    assert len(kept) == len(lines) - 1
+    return "".join(kept)
+
+
+def test_stored_config_without_the_bias_key_loads_with_biases(tmp_path):
+    cfg = config.load("mini", ["model.bias=true"])
+    written = config.save(cfg, tmp_path / "run")
+    written.write_text(_without_bias_key(written.read_text()))
+    assert config.OLD_DEFAULTS["model"] == {"bias": True}
+    assert config.load_saved(tmp_path / "run") == cfg  # old runs were trained with biases
+    assert config.load(str(written), stored=True) == cfg  # a run's own config.yaml (resume, evaluate)
+    assert config.load(str(written), ["train.steps=7"], stored=True).model.bias is True
+    assert config.load(str(written)).model.bias is False  # the same file as a preset: the current default
+    # a stored config that says bias: false keeps it
+    free = config.load("mini")
+    config.save(free, tmp_path / "free")
+    assert config.load_saved(tmp_path / "free").model.bias is False
+    assert config.load(str(tmp_path / "free" / "config.yaml"), stored=True).model.bias is False
+
+
 def test_replace_validates():
     cfg = config.load("tiny")
     assert config.replace(cfg, model={"layers": 3}).model.layers == 3

@@ -40,7 +40,8 @@ def _tokenizer(tmp_path: Path):
 
 
 def _model(vocab: int, post_ln: bool):
-    cfg = ModelConfig(vocab_size=vocab, hidden=32, layers=2, heads=2, ffn=64, max_positions=40, post_ln=post_ln)
+    cfg = ModelConfig(vocab_size=vocab, hidden=32, layers=2, heads=2, ffn=64, max_positions=40, post_ln=post_ln,
+                      bias=True)  # as HF BERT: the encoder's linear biases are random too
     rng = np.random.default_rng(0)
 
     def fill(path, leaf):

@@ -51,7 +51,8 @@ def _tokenizer(tmp_path: Path, pad_id: int = 0):
 def _model(vocab: int, post_ln: bool, num_labels=None, activation: str = "gelu", seed: int = 0, **options):
     """A tiny model with every parameter random (LayerNorm scales and biases too), so no mapping error can hide.
     Filled from numpy on a shape-only skeleton: no initialisation to compile. ``options``: more ModelConfig
-    fields (``bias``, ``ffn_type``)."""
+    fields (``bias``, ``ffn_type``); ``bias`` defaults to True, as in HF BERT (import always gives it)."""
+    options = {"bias": True, **options}
     cfg = ModelConfig(vocab_size=vocab, hidden=32, layers=2, heads=2, ffn=64, max_positions=40, post_ln=post_ln,
                       activation=activation, type_vocab_size=2, **options)
     rng = np.random.default_rng(seed)
@@ -132,6 +133,27 @@ def test_activation_mapping_and_unknown_activation():
         assert model_config_from_hf({**base, "hidden_act": hf_act}).activation == ours
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
         model_config_from_hf({**base, "hidden_act": "relu"})
+
+
+def test_hf_config_always_gives_biases_whatever_the_default():
+    assert not ModelConfig().bias  # the default is bias-free ...
+    for post_ln in (True, False):  # ... but HF BERT has biases: the config says so explicitly
+        hf_config = hf_config_from_model(_model(96, post_ln, bias=False).config, pad_id=0)
+        assert "bias" not in json.dumps(hf_config)
+        assert model_config_from_hf(hf_config).bias is True
+
+
+@pytest.mark.parametrize("num_labels", [None, 2], ids=["mlm", "classifier"])
+def test_import_hf_directory_stores_bias_true(tmp_path, num_labels):
+    tokenizer = _tokenizer(tmp_path)
+    export_hf(_model(tokenizer.vocab_size, True, num_labels, bias=False), tokenizer, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a classifier import re-initialises the MLM head
+        import_hf(tmp_path / "hf", tmp_path / "ours")
+    assert "  bias: true\n" in (tmp_path / "ours" / "config.yaml").read_text()  # written out, not left to a default
+    back, _, _ = load_source(tmp_path / "ours")
+    assert back.config.bias and back.bert.layers.qkv.bias is not None
+    assert not np.asarray(back.bert.layers.qkv.bias).any()  # the exported zeros
     tanh = dataclasses.replace(_model(96, True).config, activation="gelu_tanh")
     assert hf_config_from_model(tanh, pad_id=0)["hidden_act"] == "gelu_pytorch_tanh"  # torch's fused tanh GELU
 

@@ -31,12 +31,18 @@ def _batch(cfg, batch=3, seq=12, seed=0):
 
 @pytest.mark.parametrize("post_ln", [False, True])
 def test_base_parameter_count_is_bert_base(post_ln):
-    cfg = config.load("base", ["model.vocab_size=30522", f"model.post_ln={post_ln}"])
+    cfg = config.load("base", ["model.vocab_size=30522", f"model.post_ln={post_ln}", "model.bias=true"])
     model = eqx.filter_eval_shape(BertModel, cfg.model, key=jax.random.PRNGKey(0))
     n = count_parameters(model)
     assert abs(n - 110e6) / 110e6 < 0.01
     # BERT-base (HF BertModel, pooler included) has 109,482,240; pre-LN adds one final LayerNorm (2 x 768).
     assert n == 109_482_240 + (0 if post_ln else 2 * 768)
+    # the default (bias-free encoder linear layers) drops qkv (3H), out (H), ffn_in (F), ffn_out (H) per layer
+    free = config.load("base", ["model.vocab_size=30522", f"model.post_ln={post_ln}"]).model
+    assert not free.bias
+    m = cfg.model
+    n_free = count_parameters(eqx.filter_eval_shape(BertModel, free, key=jax.random.PRNGKey(0)))
+    assert n - n_free == m.layers * (5 * m.hidden + m.ffn) == 82_944
 
 
 @pytest.mark.parametrize("post_ln", [False, True])
@@ -190,7 +196,7 @@ def test_bias_free_encoder_has_no_dense_biases_and_equals_zero_biases(tiny_confi
     # LayerNorms, the pooler and the MLM head keep their biases
     assert {"bert.layers.attn_norm.bias", "bert.layers.ffn_norm.bias", "bert.pooler.bias", "mlm.transform.bias",
             "mlm.bias"} <= names
-    m = tiny_config.model
+    m = config.replace(tiny_config, model={"bias": True}).model
     with_bias = BertForMLM(m, key=jax.random.PRNGKey(11))  # same keys: same weights, biases initialised to 0
     biases = m.layers * (3 * m.hidden + m.hidden + m.ffn + m.hidden)  # qkv, out, ffn_in, ffn_out
     assert count_parameters(with_bias) - count_parameters(free) == biases
@@ -249,7 +255,7 @@ def test_glu_at_two_thirds_width_matches_the_mlp_parameters():
 
 def test_with_config_refuses_bias_and_ffn_type_changes(tiny_config):
     model = BertForClassification(tiny_config.model, 3, key=jax.random.PRNGKey(9))
-    for change in ({"bias": False}, {"ffn_type": "glu"}):
+    for change in ({"bias": not tiny_config.model.bias}, {"ffn_type": "glu"}):
         name = next(iter(change))
         with pytest.raises(ValueError, match=f"model.{name}"):
             with_config(model, "bert", dataclasses.replace(tiny_config.model, **change))

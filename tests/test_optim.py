@@ -71,7 +71,8 @@ def test_progress_by_steps_and_by_time():
 
 
 def test_decay_mask_excludes_biases_layernorm_and_pooler(tiny_config):
-    model = BertForMLM(tiny_config.model, key=jax.random.PRNGKey(0))
+    model = BertForMLM(dataclasses.replace(tiny_config.model, bias=True), key=jax.random.PRNGKey(0))
+    assert model.bert.layers.qkv.bias is not None  # the encoder's linear biases exist, so their mask is checked
     mask = decay_mask(model)
     assert mask.bert.layers.qkv.weight and mask.bert.layers.ffn_out.weight and mask.mlm.transform.weight
     assert mask.bert.embeddings.token and mask.bert.embeddings.position and mask.bert.embeddings.segment

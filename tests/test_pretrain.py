@@ -197,6 +197,19 @@ def test_resume_keeps_the_runs_corpus_and_config(tmp_path):  # issue 19, defect 
     assert run_dir == run and cfg.data.source == str(tmp_path / "corpus.txt") and cfg.data.seq_len == 32
 
 
+def test_resume_of_a_run_saved_without_the_bias_key_keeps_its_biases(tmp_path):
+    from jaxbert import pretrain
+
+    run, _ = _saved_run(tmp_path)
+    saved = run / "config.yaml"
+    text = saved.read_text()
+    assert text.count("  bias: false\n") == 1
+    saved.write_text(text.replace("  bias: false\n", ""))  # as written when biases were the default
+    args = config.parse_args(cli.pretrain_parser(), ["--resume", "--run-dir", str(run), "train.steps=9"])
+    cfg, _ = pretrain.resolve_config(args)
+    assert cfg.model.bias is True and cfg.train.steps == 9
+
+
 def test_resume_overrides_are_checked_against_the_run(tmp_path):  # issue 19, defect 4
     from jaxbert import pretrain
 

@@ -76,8 +76,8 @@ def test_accumulated_gradients_equal_full_batch_gradient(cfg, ids):
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(reference))
 
 
-@pytest.mark.parametrize("options", [(), ("model.bias=false",), ("model.ffn_type=glu", "model.ffn=48")],
-                         ids=["default", "no_bias", "glu"])
+@pytest.mark.parametrize("options", [(), ("model.bias=true",), ("model.ffn_type=glu", "model.ffn=48")],
+                         ids=["default", "bias", "glu"])
 def test_train_step_reduces_loss_and_is_deterministic(cfg, ids, options):
     cfg = _config(*options) if options else cfg
     spec = make_spec(cfg, SPECIAL, MASK_ID)

@@ -77,8 +77,8 @@ def info_main(argv: Sequence[str]) -> int:
         m = cfg.model
         print(f"{name:<8} {m.layers:>6} {m.hidden:>6} {m.heads:>5} {m.ffn:>5} {m.vocab_size:>6} "
               f"{encoder:>12,} {total:>14,}")
-    _, encoder, total = preset_parameters("base", ["model.vocab_size=30522"])
-    print(f"\nbase with BERT's 30522-token vocabulary: {encoder:,} encoder parameters "
+    _, encoder, total = preset_parameters("base", ["model.vocab_size=30522", "model.bias=true"])
+    print(f"\nbase with BERT's 30522-token vocabulary and linear biases: {encoder:,} encoder parameters "
           f"(pooler included), {total:,} with the MLM head")
     return 0
 

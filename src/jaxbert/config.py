@@ -52,9 +52,11 @@ class ModelConfig:
     # 3.584 after 3,000 budget-shape steps; benchmarks/RESULTS.md, throughput II) or "gelu" (exact, erf; what HF
     # BERT checkpoints use)
     activation: str = "gelu_tanh"
-    # False: the encoder layers' linear layers (qkv, attention out, ffn_in, ffn_out) have no bias (Cramming);
-    # LayerNorms, the embeddings, the pooler and the task heads keep theirs
-    bias: bool = True
+    # False (default, as in Cramming): the encoder layers' linear layers (qkv, attention out, ffn_in, ffn_out) have
+    # no bias; equal quality at an equal pretraining budget, faster steps. LayerNorms, the embeddings, the pooler
+    # and the task heads keep theirs. True: biases, as in HF BERT (import-hf always sets it). A stored config
+    # without this key was written when True was the default and loads as True (OLD_DEFAULTS)
+    bias: bool = False
     # "mlp": ffn_out(act(ffn_in(x))); "glu": gated (GEGLU with gelu): ffn_in has 2 * ffn columns [a | b] and
     # ffn_out(act(a) * b). ffn stays the inner width, so glu has 1.5x the FFN parameters of mlp at equal ffn;
     # ffn = 2/3 * 4 * hidden (e.g. 2048 at hidden 768) matches the parameters of mlp with ffn = 4 * hidden
@@ -447,13 +449,24 @@ def read_yaml(path: Path) -> DictConfig:
     return loaded
 
 
-def load(preset: str = "base", overrides: Sequence[str] = ()) -> Config:
-    """Build a validated, frozen Config from a preset (name or YAML path) and dotlist overrides."""
+# Keys whose default has changed, with the default they had before. A stored config (the config.yaml of a run,
+# checkpoint or model directory) that lacks one of them was written under the old default, and its weights were
+# made with it: it loads with the old value, not the new default.
+OLD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"bias": True},  # the default until bias-free encoder linear layers became the default
+}
+
+
+def load(preset: str = "base", overrides: Sequence[str] = (), *, stored: bool = False) -> Config:
+    """Build a validated, frozen Config from a preset (name or YAML path) and dotlist overrides.
+
+    ``stored``: the YAML file is a config written by :func:`save` (a run's own config.yaml); keys it lacks whose
+    default has changed take their old value (:data:`OLD_DEFAULTS`) rather than the current default."""
     schema = OmegaConf.structured(Config)
     path = preset_path(preset)
     from_file = read_yaml(path)
     try:
-        merged = OmegaConf.merge(schema, {"preset": path.stem}, from_file)
+        merged = OmegaConf.merge(schema, {"preset": path.stem}, OLD_DEFAULTS if stored else {}, from_file)
     except OmegaConfBaseException as err:
         raise _friendly(err, str(path)) from None
     for item in overrides:
@@ -469,9 +482,10 @@ def load(preset: str = "base", overrides: Sequence[str] = ()) -> Config:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from its dict form (as written next to a run); validated."""
+    """Rebuild a Config from its dict form (as written next to a run); validated. Keys it lacks whose default
+    has changed take their old value (:data:`OLD_DEFAULTS`)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OLD_DEFAULTS, OmegaConf.create(data))
     except OmegaConfBaseException as err:
         raise _friendly(err, "saved config") from None
     cfg = OmegaConf.to_object(merged)

@@ -270,8 +270,8 @@ def resume_config(run_dir: Path, overrides: Sequence[str], preset: Optional[str]
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"run '{run_dir}' has no config.yaml to resume")
-    base = config_lib.load(str(saved))
-    cfg = config_lib.load(str(saved), overrides)
+    base = config_lib.load(str(saved), stored=True)
+    cfg = config_lib.load(str(saved), overrides, stored=True)
     before, after = _flat(base), _flat(cfg)
     switched = [k for k in _CORPUS_KEYS
                 if before[k] != after[k] and not (k == "data.source" and _same_path(before[k], after[k]))]

@@ -11,8 +11,9 @@ Two HuggingFace layouts are understood, one per jaxbert LayerNorm placement:
   Its classification head is ``dense -> tanh -> out_proj`` on the first position, which is exactly jaxbert's
   pooler followed by the classifier, so ``classifier.dense`` <-> ``pooler``.
 
-A bias-free model (``model.bias=false``) exports zero biases, which compute exactly the same; import always
-gives ``model.bias=true``. A gated feed-forward (``model.ffn_type=glu``) has no HF BERT layout and is refused.
+A bias-free model (``model.bias=false``, the default) exports zero biases, which compute exactly the same; import
+always sets ``model.bias=true`` explicitly (HF BERT has biases), whatever the default. A gated feed-forward
+(``model.ffn_type=glu``) has no HF BERT layout and is refused.
 
 Dense weights are stored ``(in, out)`` in jaxbert and ``(out, in)`` in PyTorch; the fused ``qkv`` weight is
 ``[query.T | key.T | value.T]``. All conversions are transposes, concatenations and slices, so a round trip is
@@ -109,7 +110,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any], source: str = "config.jso
         dropout=float(hf_config.get("hidden_dropout_prob", 0.1)),
         attention_dropout=float(hf_config.get("attention_probs_dropout_prob", 0.1)),
         layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
-        init_std=float(hf_config.get("initializer_range", 0.02)), activation=ACTIVATIONS_FROM_HF[act])
+        init_std=float(hf_config.get("initializer_range", 0.02)), activation=ACTIVATIONS_FROM_HF[act],
+        bias=True)  # HF BERT's linear layers have biases, whatever jaxbert's default
 
 
 def position_offset(hf_config: Mapping[str, Any]) -> int:

@@ -63,7 +63,7 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     extra = [f"finetune.glue_dir={args.glue_dir}"] if args.glue_dir else []
     extra += [f"finetune.{k}={v}" for k, v in (("precision", args.precision), ("eval_batch_size", args.batch_size))
               if v is not None]
-    cfg = config_lib.load(str(model.directory / "config.yaml"), extra + list(args.overrides))
+    cfg = config_lib.load(str(model.directory / "config.yaml"), extra + list(args.overrides), stored=True)
     task = get_task(args.task) if args.task else model.task
     results = evaluate_model(model.model, model.tokenizer, cfg, task)
     score = task_score(results)
