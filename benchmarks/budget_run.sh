@@ -9,6 +9,9 @@
 # pretraining with SIGTERM, which saves a checkpoint, before a call's limit.
 # GLUE: `jaxbert glue --all`, which finetunes several tasks at once on the one GPU (--jobs, default 4 there);
 # GLUE_JOBS sets --jobs, SKIP_GLUE=1 stops after pretraining.
+# WIKI_DIR may also be a prepared directory (meta.json, train.bin, validation.bin, tokenizer.json; made by
+# `jaxbert prepare`, e.g. the one benchmarks/quality/fullwiki_unpack.sh unpacks): preparation is then skipped and
+# pretraining reads it as it is (its data and tokenizer settings are those it was prepared with).
 set -euo pipefail
 wiki=$1 glue=$2 minutes=$3 out=$4; shift 4
 mkdir -p "$out"
@@ -18,9 +21,13 @@ timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)
 glue_timeout=${GLUE_TIMEOUT:-0}  # seconds for all GLUE tasks (0: no limit)
 pretrain_timeout=${PRETRAIN_TIMEOUT:-0}
 run="$out/run-${minutes}m"
-echo "[$(stamp)] prepare: tokenizer + token stream from $wiki"
-"${timer[@]}" jaxbert prepare --config budget --quiet data.source="$wiki" data.cache_dir=/tmp/jaxbert-cache "$@" \
-  2> >(tee -a "$out/prepare.time" >&2) | tee -a "$out/prepare.log"
+if [ -f "$wiki/meta.json" ]; then
+  echo "[$(stamp)] prepared data: $wiki (no preparation)"
+else
+  echo "[$(stamp)] prepare: tokenizer + token stream from $wiki"
+  "${timer[@]}" jaxbert prepare --config budget --quiet data.source="$wiki" data.cache_dir=/tmp/jaxbert-cache "$@" \
+    2> >(tee -a "$out/prepare.time" >&2) | tee -a "$out/prepare.log"
+fi
 if [ -d "$run/checkpoints" ] && [ -n "$(ls -A "$run/checkpoints")" ]; then
   echo "[$(stamp)] pretrain: resuming $run"
   cmd=(jaxbert pretrain --resume --quiet --run-dir "$run")

@@ -6,11 +6,14 @@
 # FT="finetune overrides" adds finetuning overrides; SIDE="command" runs alongside the finetuning (never
 # alongside the timed pretraining). Logs: $LOGS/NAME-*.log (default /tmp/q/logs); the last lines are the
 # held-out MLM accuracy and each seed's best MNLI epoch.
+# WIKI=path pretrains on another corpus than scratch/budget/wiki: a WikiExtractor tree, or a prepared directory
+# (meta.json, train.bin, ...), which is used as it is. All of the shared Wikipedia: WIKI=/tmp/fullwiki/prepared after
+# benchmarks/quality/fullwiki_unpack.sh (benchmarks/budget_run.md, "All of the shared Wikipedia").
 set -uo pipefail
 name=$1 minutes=$2; shift 2
 logs=${LOGS:-/tmp/q/logs}; mkdir -p "$logs"
 out=/tmp/q/$name
-SKIP_GLUE=1 bash benchmarks/budget_run.sh scratch/budget/wiki /tmp/glue "$minutes" "$out" "$@" \
+SKIP_GLUE=1 bash benchmarks/budget_run.sh "${WIKI:-scratch/budget/wiki}" /tmp/glue "$minutes" "$out" "$@" \
   > "$logs/$name-pretrain.log" 2>&1
 run=$out/run-${minutes}m
 cp "$run/metrics.jsonl" "$logs/$name-metrics.jsonl" 2>/dev/null  # the loss curve and throughput per log step
