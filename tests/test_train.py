@@ -226,8 +226,11 @@ def test_single_step_equals_the_accumulating_path(cfg, ids):
         fused, fm = train_step(fused, [ids[:4]], 1e-2, spec)  # one micro-batch: single_step
         accum = micro_step(stepwise, zero_accumulator(stepwise.model), jnp.asarray(ids[:4]), jnp.int32(0), spec)
         stepwise, _, sm = apply_step(jnp.float32(1e-2), stepwise, accum, spec)
+    # The two programs may order float32 sums differently (XLA fuses each on its own); after three AdamW steps at
+    # lr 1e-2 that reaches ~1e-7 in absolute terms on parameters of size ~0.01-0.05 (measured: one element of
+    # 2,048 at 1.3e-7), so parameters agree to 1e-6 relative or 5e-7 absolute.
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(stepwise)):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=5e-7)
     assert float(fm["loss"]) == pytest.approx(float(sm["loss"]), rel=1e-6)
     assert int(fused.step) == 3
 
