@@ -30,17 +30,19 @@ class MLMHead(eqx.Module):
 
     def __call__(self, hidden: Array, token_embedding: Array, act: str, norm: str = "xla") -> Float[Array, "... vocab"]:
         """float32 logits for every vector in ``hidden`` (``(..., hidden)``); ``norm``: the LayerNorm's kernel."""
-        h = self.norm(activation(self.transform(hidden), act), norm)
-        (h,) = cpu_half_workaround(h)
-        return decode(h, token_embedding) + self.bias
+        return decode(self._features(hidden, act, norm), token_embedding) + self.bias
+
+    def _features(self, hidden: Array, act: str, norm: str) -> Array:
+        """dense -> GELU -> LayerNorm: what the tied decoder multiplies."""
+        (h,) = cpu_half_workaround(self.norm(activation(self.transform(hidden), act), norm))
+        return h
 
     def cross_entropy(self, hidden: Array, token_embedding: Array, act: str, targets: Array, norm: str = "xla",
                       logits_dtype: Any = jnp.float32) -> tuple[Array, Array]:
         """Float32 (cross-entropy, correct) of each vector in ``hidden`` against ``targets``
         (:func:`decode_cross_entropy`; its logits in ``logits_dtype``)."""
-        h = self.norm(activation(self.transform(hidden), act), norm)
-        (h,) = cpu_half_workaround(h)
-        return decode_cross_entropy(h, token_embedding, self.bias, targets, logits_dtype)
+        return decode_cross_entropy(self._features(hidden, act, norm), token_embedding, self.bias, targets,
+                                    logits_dtype)
 
 
 def head_activation(cfg: ModelConfig) -> str:
@@ -69,7 +71,11 @@ def _decode_fwd(h: Array, table: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _decode_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     h, small = res
-    g = g.astype(h.dtype)
+    return _decode_grads(g.astype(h.dtype), h, small)
+
+
+def _decode_grads(g: Array, h: Array, small: Array) -> tuple[Array, Array]:
+    """(d_h in h's dtype, float32 d_table) from the logits' cotangent ``g`` in h's dtype."""
     d_h = jnp.dot(g, small, preferred_element_type=jnp.float32).astype(h.dtype)
     d_table = jnp.einsum("...v,...d->vd", g, h, preferred_element_type=jnp.float32)
     return d_h, d_table
@@ -91,12 +97,11 @@ def decode_cross_entropy(h: Array, table: Float[Array, "vocab hidden"], bias: Fl
     PyTorch autocast. At the budget shape the float32 logits and their gradient were ~1.8 ms of a 9.8 ms step
     (benchmarks/RESULTS.md, throughput II).
     """
-    nll, correct, _ = _cross_entropy_fwd_parts(h, table, bias, targets, logits_dtype)
-    return nll, correct
+    return _cross_entropy_fwd(h, table, bias, targets, logits_dtype)[0]
 
 
-def _cross_entropy_fwd_parts(h: Array, table: Array, bias: Array, targets: Array,
-                             logits_dtype: Any) -> tuple[Array, Array, tuple[Array, ...]]:
+def _cross_entropy_fwd(h: Array, table: Array, bias: Array, targets: Array,
+                       logits_dtype: Any) -> tuple[tuple[Array, Array], tuple[Array, ...]]:
     small = table.astype(h.dtype)
     logits = jnp.dot(h, small.T, preferred_element_type=logits_dtype) + bias.astype(logits_dtype)
     x = logits.astype(jnp.float32)
@@ -104,13 +109,7 @@ def _cross_entropy_fwd_parts(h: Array, table: Array, bias: Array, targets: Array
     lse = top + jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
     correct = (target_logit >= top).astype(jnp.float32)
-    return lse - target_logit, correct, (h, small, logits, lse, targets)
-
-
-def _cross_entropy_fwd(h: Array, table: Array, bias: Array, targets: Array,
-                       logits_dtype: Any) -> tuple[tuple[Array, Array], tuple[Array, ...]]:
-    nll, correct, res = _cross_entropy_fwd_parts(h, table, bias, targets, logits_dtype)
-    return (nll, correct), res
+    return (lse - target_logit, correct), (h, small, logits, lse, targets)
 
 
 def _cross_entropy_bwd(logits_dtype: Any, res: tuple[Array, ...],
@@ -120,9 +119,7 @@ def _cross_entropy_bwd(logits_dtype: Any, res: tuple[Array, ...],
     classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     g = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - (classes == targets[..., None])) * d_nll[..., None]
     d_bias = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
-    g = g.astype(h.dtype)
-    d_h = jnp.dot(g, small, preferred_element_type=jnp.float32).astype(h.dtype)
-    d_table = jnp.einsum("...v,...d->vd", g, h, preferred_element_type=jnp.float32)
+    d_h, d_table = _decode_grads(g.astype(h.dtype), h, small)
     return d_h, d_table, d_bias, None
 
 
@@ -148,11 +145,17 @@ class BertForMLM(eqx.Module):
                  remat: bool = False, fp8_scales: Optional[Array] = None) -> Float[Array, "b n vocab"]:
         """float32 MLM logits; at every position, or only at ``positions`` (sparse prediction, ``(b, m)``).
         ``fp8_scales``: see :meth:`BertModel.__call__`."""
-        hidden = self.bert(input_ids, segment_ids, mask, key=key, policy=policy, attention=attention, remat=remat,
-                           fp8_scales=fp8_scales)
+        hidden = self._hidden(input_ids, segment_ids, mask, positions, key=key, policy=policy, attention=attention,
+                              remat=remat, fp8_scales=fp8_scales)
+        return self.mlm(hidden, self.bert.embeddings.token, head_activation(self.config), Kernels.of(attention).norm)
+
+    def _hidden(self, input_ids: Array, segment_ids: Optional[Array], mask: Optional[Array],
+                positions: Optional[Array], **kwargs: Any) -> Array:
+        """The encoder's output, gathered at ``positions`` when given."""
+        hidden = self.bert(input_ids, segment_ids, mask, **kwargs)
         if positions is not None:
             hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-        return self.mlm(hidden, self.bert.embeddings.token, head_activation(self.config), Kernels.of(attention).norm)
+        return hidden
 
     def mlm_predictions(self, input_ids: Int[Array, "b s"], positions: Int[Array, "b m"], targets: Int[Array, "b m"],
                         *, key: Optional[PRNGKeyArray] = None, policy: Policy = Policy(),
@@ -161,8 +164,8 @@ class BertForMLM(eqx.Module):
         """Float32 (cross-entropy, correct) ``(b, m)`` of the predictions at ``positions`` against ``targets``,
         without returning the logits; ``logits``: "float32", or "compute" to keep them in the policy's compute
         dtype (train.mlm_logits; :func:`decode_cross_entropy`)."""
-        hidden = self.bert(input_ids, key=key, policy=policy, attention=attention, remat=remat, fp8_scales=fp8_scales)
-        hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        hidden = self._hidden(input_ids, None, None, positions, key=key, policy=policy, attention=attention,
+                              remat=remat, fp8_scales=fp8_scales)
         dtype = policy.compute_dtype if logits == "compute" else jnp.float32
         return self.mlm.cross_entropy(hidden, self.bert.embeddings.token, head_activation(self.config), targets,
                                       Kernels.of(attention).norm, dtype)
