@@ -45,6 +45,7 @@ def test_overrides_apply_with_types():
     (["train.batch_end=100"], "train.batch_end"),  # not a multiple of micro_batch
     (["impl.attention=flash"], "impl.attention"),
     (["impl.norm=pallas_interpret"], "impl.norm"),  # the interpreter is for tests, not a config value
+    (["impl.embedding_grad=atomic"], "impl.embedding_grad"),
     (["model.ffn_type=swiglu"], "model.ffn_type"),
     (["impl.attention=pallas", "finetune.max_len=512", "model.max_positions=512"], "impl.attention"),  # seq > 256
     (["data.max_predictions=0"], "data.max_predictions"),

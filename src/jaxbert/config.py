@@ -199,12 +199,13 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Kernels:
-    """The kernel choices of the model's forward pass, one static (hashable) value: ``impl.attention`` and
-    ``impl.norm``. Model functions take it where they take an attention implementation name; a plain name
-    stands for ``Kernels(attention=name)``."""
+    """The kernel choices of the model, one static (hashable) value: ``impl.attention``, ``impl.norm`` and
+    ``impl.embedding_grad``. Model functions take it where they take an attention implementation name; a plain
+    name stands for ``Kernels(attention=name)``."""
 
     attention: str = "auto"
     norm: str = "xla"
+    embedding_grad: str = "scatter"
 
     @staticmethod
     def of(value: "str | Kernels") -> "Kernels":
@@ -222,6 +223,10 @@ class ImplConfig:
     # compute, else XLA; +13% BERT-base tokens/s on an H200, benchmarks/RESULTS.md) | xla | pallas
     # (jaxbert.model.norm_kernels)
     norm: str = "auto"
+    # how the backward pass adds up the token-embedding gradient: auto (sorted on one GPU, else scatter) |
+    # scatter (autodiff of the lookup: atomic adds, slow for ids repeated thousands of times a batch) | sorted
+    # (block-wise sums of equal ids first; jaxbert.model.embedding_grad)
+    embedding_grad: str = "auto"
     remat: bool = False  # recompute layer activations in the backward pass (saves memory)
     prefetch: int = 2  # batches prepared ahead by the loader thread
     workers: int = 0  # tokenizer threads for preparation (0: all cores)
@@ -242,7 +247,7 @@ class ImplConfig:
     @property
     def kernels(self) -> Kernels:
         """What the model functions take as their ``attention`` argument."""
-        return Kernels(self.attention, self.norm)
+        return Kernels(self.attention, self.norm, self.embedding_grad)
 
 
 def apply_xla_flags(impl: ImplConfig) -> None:
@@ -404,6 +409,8 @@ def validate(cfg: Config) -> Config:
     _check(not i.attention.startswith("pallas") or (max(d.seq_len, f.max_len) <= 256 and m.head_dim <= 128),
            "impl.attention", f"{i.attention} needs data.seq_len and finetune.max_len <= 256 and head_dim <= 128")
     _check(i.norm in ("auto", "xla", "pallas"), "impl.norm", f"expected auto|xla|pallas, got {i.norm!r}")
+    _check(i.embedding_grad in ("auto", "scatter", "sorted"), "impl.embedding_grad",
+           f"expected auto|scatter|sorted, got {i.embedding_grad!r}")
     _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
     _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")
     return cfg

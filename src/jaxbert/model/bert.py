@@ -46,8 +46,8 @@ class BertModel(eqx.Module):
         """The embeddings, as the first layer takes them: pre-LN, a pair (stream, pending branch output)."""
         if segment_ids is None:
             segment_ids = jnp.zeros_like(input_ids)
-        x = dropout(self.embeddings(input_ids, segment_ids, policy.compute_dtype, kernels.norm), self.config.dropout,
-                    key)
+        x = dropout(self.embeddings(input_ids, segment_ids, policy.compute_dtype, kernels.norm,
+                                    kernels.embedding_grad), self.config.dropout, key)
         return x if self.config.post_ln else (x, jnp.zeros_like(x))
 
     def _finish(self, carry: Any, kernels: Kernels) -> Array:

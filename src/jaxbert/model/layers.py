@@ -21,6 +21,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import Kernels, ModelConfig
 from .attention_kernel import short_attention
+from .embedding_grad import lookup, small_lookup
 from .fp8 import fp8_matmul
 from .fp8_delayed import delayed_matmul
 from .norm_kernels import add_layer_norm, layer_norm
@@ -147,9 +148,11 @@ class Embeddings(eqx.Module):
         self.norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps)
 
     def __call__(self, input_ids: Int[Array, "b s"], segment_ids: Int[Array, "b s"], dtype: jnp.dtype,
-                 norm: str = "xla") -> Array:
+                 norm: str = "xla", embedding_grad: str = "scatter") -> Array:
         seq = input_ids.shape[1]
-        x = jnp.take(self.token, input_ids, axis=0) + self.position[:seq][None] + jnp.take(self.segment, segment_ids, axis=0)
+        # the sum is cast to ``dtype`` right here, so the token rows' cotangent is exact in ``dtype``
+        token = lookup(self.token, input_ids, dtype, embedding_grad)
+        x = token + self.position[:seq][None] + small_lookup(self.segment, segment_ids)
         return self.norm(x.astype(dtype), norm)
 
 
