@@ -128,3 +128,17 @@ def test_tiny_model_equal_with_pallas_interpret_and_xla():
     assert loss_p == pytest.approx(loss_x, rel=1e-5, abs=1e-6)
     for a, b in zip(grads_x, grads_p):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_auto_attention_resolution():
+    from jaxbert.model.layers import resolve_attention
+    q16 = jnp.zeros((2, 128, 4, 64), jnp.bfloat16)
+    on_gpu = jax.default_backend() == "gpu"
+    assert resolve_attention("auto", q16.astype(jnp.float32), None) == "xla"  # float32: XLA everywhere
+    unpadded = resolve_attention("auto", q16, None)
+    padded = resolve_attention("auto", q16, jnp.ones((2, 128), bool))
+    assert padded == ("cudnn" if on_gpu else "xla")  # finetuning batches with padding stay on cuDNN
+    assert unpadded == (("pallas" if jax.device_count() == 1 else "cudnn") if on_gpu else "xla")
+    long = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)  # beyond the kernel's 256 tokens
+    assert resolve_attention("auto", long, None) == ("cudnn" if on_gpu else "xla")
+    assert resolve_attention("cudnn", q16, None) == "cudnn"  # explicit names pass through

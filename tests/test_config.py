@@ -114,6 +114,19 @@ def test_stored_config_without_the_bias_key_loads_with_biases(tmp_path):
     assert config.load(str(tmp_path / "free" / "config.yaml"), stored=True).model.bias is False
 
 
+def test_stored_config_without_the_mlm_logits_key_loads_float32_logits(tmp_path):
+    assert config.load("mini").train.mlm_logits == "compute"  # today's default
+    cfg = config.load("mini", ["train.mlm_logits=float32"])
+    written = config.save(cfg, tmp_path / "run")
+    lines = written.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip().startswith("mlm_logits:")]
+    assert len(kept) == len(lines) - 1
+    written.write_text("".join(kept))
+    assert config.load_saved(tmp_path / "run") == cfg  # written before the key existed: float32 logits
+    assert config.load(str(written), stored=True) == cfg
+    assert config.load(str(written)).train.mlm_logits == "compute"  # as a preset: the current default
+
+
 def test_replace_validates():
     cfg = config.load("tiny")
     assert config.replace(cfg, model={"layers": 3}).model.layers == 3

@@ -139,9 +139,11 @@ class TrainConfig(OptimizerFields):
     # fp32 | bf16 | fp16 | fp8 (bf16 + FP8 encoder matmuls, current scaling) | fp8_delayed (the same, delayed
     # scaling from amax histories); parameters stay fp32
     precision: str = "fp32"
-    # the MLM logits' dtype in training: "float32", or "compute" (the precision's compute dtype, bf16 under
-    # bf16/fp8: half the memory traffic of the decoder and its loss; the softmax statistics stay float32)
-    mlm_logits: str = "float32"
+    # the MLM logits' dtype in training: "compute" (the default: the precision's compute dtype, bf16 under
+    # bf16/fp8: half the memory traffic of the decoder and its loss, +4% tokens/s at the budget shape; the
+    # softmax statistics stay float32; 3,000-step loss within run-to-run noise of float32, benchmarks/RESULTS.md)
+    # or "float32". A stored config without this key loads as float32 (OLD_DEFAULTS)
+    mlm_logits: str = "compute"
     fp8_history: int = 16  # fp8_delayed: optimizer steps of amax history per operand
     fp8_margin: float = 0.0  # fp8_delayed: scales leave 2**margin of headroom above the history's amax
     # "mlm", or "electra": a generator (electra_generator x the width) fills the masked positions, the encoder
@@ -217,7 +219,8 @@ class ImplConfig:
     """Settings that change speed, never results."""
 
     # auto | xla | cudnn | pallas (short-sequence Pallas kernel, GPU, seq <= 256) | pallas_interpret (the same
-    # kernel interpreted: any backend, slow; for tests). auto: cudnn on GPU for 16-bit compute, else xla
+    # kernel interpreted: any backend, slow; for tests). auto, for 16-bit compute on a GPU: pallas on one GPU
+    # for unpadded batches (pretraining) with seq <= 256 and head_dim <= 128, else cudnn; xla otherwise
     attention: str = "auto"
     # LayerNorm (with the residual add before it, pre-LN): auto (the Pallas kernel on one GPU for 16-bit
     # compute, else XLA; +13% BERT-base tokens/s on an H200, benchmarks/RESULTS.md) | xla | pallas
@@ -461,6 +464,7 @@ def read_yaml(path: Path) -> DictConfig:
 # made with it: it loads with the old value, not the new default.
 OLD_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"bias": True},  # the default until bias-free encoder linear layers became the default
+    "train": {"mlm_logits": "float32"},  # the default until bf16 MLM logits became the default
 }
 
 

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import Kernels, ModelConfig
-from .attention_kernel import short_attention
+from .attention_kernel import MAX_HEAD_DIM, MAX_SEQ, short_attention
 from .embedding_grad import lookup, small_lookup
 from .fp8 import fp8_matmul
 from .fp8_delayed import delayed_matmul
 from .norm_kernels import add_layer_norm, layer_norm
+from .pallas_gpu import plgpu
 
 
 def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
@@ -164,14 +165,12 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], 
     ``xla``, ``cudnn`` (flash attention on NVIDIA GPUs; with a mask, padding must be on the right, as
     :func:`jaxbert.data.glue` batches are), ``pallas`` (the short-sequence kernel of
     :mod:`jaxbert.model.attention_kernel`, GPU, seq <= 256), ``pallas_interpret`` (the same kernel run by
-    Pallas' interpreter on any backend, for tests) or ``auto`` (cuDNN on GPU for 16-bit inputs, else XLA).
+    Pallas' interpreter on any backend, for tests) or ``auto`` (:func:`resolve_attention`).
     Attention dropout (``dropout_rate`` with a ``key``) always takes the XLA path.
     """
     if dropout_rate > 0.0 and key is not None:
         return _attention_with_dropout(q, k, v, mask, dropout_rate, key)
-    if implementation == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        implementation = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    implementation = resolve_attention(implementation, q, mask)
     dtype = q.dtype
     q, k, v = cpu_half_workaround(q, k, v)
     if implementation == "cudnn":
@@ -181,6 +180,21 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], 
         return short_attention(q, k, v, mask, interpret=implementation == "pallas_interpret").astype(dtype)
     bias_mask = None if mask is None else mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="xla").astype(dtype)
+
+
+def resolve_attention(implementation: str, q: Array, mask: Optional[Array]) -> str:
+    """What ``auto`` stands for: on a GPU with 16-bit inputs, the Pallas short-sequence kernel when there is
+    one device, no padding mask (pretraining's contiguous chunks) and it fits (seq <= 256, head_dim <= 128;
+    +2% tokens/s at the budget shape over cuDNN, whose q/k/v slices and gradient concatenation it avoids), else
+    cuDNN; XLA on other backends or dtypes. Padded batches (finetuning) stay on cuDNN. A Pallas call has no
+    sharding rule, so multi-device runs stay on cuDNN too. Other names are returned as given."""
+    if implementation != "auto":
+        return implementation
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    fits = q.shape[1] <= MAX_SEQ and q.shape[-1] <= MAX_HEAD_DIM
+    single = jax.device_count() == 1 and plgpu is not None
+    return "pallas" if mask is None and fits and single else "cudnn"
 
 
 def _attention_with_dropout(q: Array, k: Array, v: Array, mask: Optional[Array], rate: float,
