@@ -46,6 +46,10 @@ def test_overrides_apply_with_types():
     (["impl.attention=flash"], "impl.attention"),
     (["impl.norm=pallas_interpret"], "impl.norm"),  # the interpreter is for tests, not a config value
     (["impl.embedding_grad=atomic"], "impl.embedding_grad"),
+    (["impl.ffn=triton"], "impl.ffn"),
+    (["impl.ffn=pallas", "model.ffn_type=glu", "model.ffn=2048"], "impl.ffn"),  # MLP only
+    (["impl.ffn=pallas", "train.precision=fp8"], "impl.ffn"),
+    (["impl.ffn=pallas", "model.ffn=3000"], "impl.ffn"),  # not a multiple of the tile
     (["model.ffn_type=swiglu"], "model.ffn_type"),
     (["impl.attention=pallas", "finetune.max_len=512", "model.max_positions=512"], "impl.attention"),  # seq > 256
     (["data.max_predictions=0"], "data.max_predictions"),

@@ -202,12 +202,13 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Kernels:
     """The kernel choices of the model, one static (hashable) value: ``impl.attention``, ``impl.norm`` and
-    ``impl.embedding_grad``. Model functions take it where they take an attention implementation name; a plain
+    ``impl.embedding_grad`` and ``impl.ffn``. Model functions take it where they take an attention implementation name; a plain
     name stands for ``Kernels(attention=name)``."""
 
     attention: str = "auto"
     norm: str = "xla"
     embedding_grad: str = "scatter"
+    ffn: str = "xla"
 
     @staticmethod
     def of(value: "str | Kernels") -> "Kernels":
@@ -230,6 +231,10 @@ class ImplConfig:
     # scatter (autodiff of the lookup: atomic adds, slow for ids repeated thousands of times a batch) | sorted
     # (block-wise sums of equal ids first; jaxbert.model.embedding_grad)
     embedding_grad: str = "auto"
+    # the feed-forward's GELU backward: xla (a GEMM, then a pass that multiplies in gelu') | pallas (one Pallas
+    # GEMM with gelu' in its epilogue, GPU; jaxbert.model.ffn_kernels; MLP feed-forward without FP8 only;
+    # not measured on the GPU yet, hence not the default)
+    ffn: str = "xla"
     remat: bool = False  # recompute layer activations in the backward pass (saves memory)
     prefetch: int = 2  # batches prepared ahead by the loader thread
     workers: int = 0  # tokenizer threads for preparation (0: all cores)
@@ -250,7 +255,7 @@ class ImplConfig:
     @property
     def kernels(self) -> Kernels:
         """What the model functions take as their ``attention`` argument."""
-        return Kernels(self.attention, self.norm, self.embedding_grad)
+        return Kernels(self.attention, self.norm, self.embedding_grad, self.ffn)
 
 
 def apply_xla_flags(impl: ImplConfig) -> None:
@@ -414,6 +419,13 @@ def validate(cfg: Config) -> Config:
     _check(i.norm in ("auto", "xla", "pallas"), "impl.norm", f"expected auto|xla|pallas, got {i.norm!r}")
     _check(i.embedding_grad in ("auto", "scatter", "sorted"), "impl.embedding_grad",
            f"expected auto|scatter|sorted, got {i.embedding_grad!r}")
+    _check(i.ffn in ("xla", "pallas"), "impl.ffn", f"expected xla|pallas, got {i.ffn!r}")
+    if i.ffn == "pallas":
+        from .model import ffn_kernels  # the kernel's tile sizes (a lazy import: the model imports this module)
+        _check(m.ffn_type == "mlp" and not t.precision.startswith("fp8") and not f.precision.startswith("fp8")
+               and ffn_kernels.fits(m.ffn, m.hidden), "impl.ffn",
+               f"pallas needs model.ffn_type=mlp, no fp8 precision, model.ffn a multiple of {ffn_kernels.BLOCK_N} "
+               f"and model.hidden of {ffn_kernels.BLOCK_K}")
     _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
     _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")
     return cfg

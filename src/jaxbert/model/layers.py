@@ -22,6 +22,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ..config import Kernels, ModelConfig
 from .attention_kernel import MAX_HEAD_DIM, MAX_SEQ, short_attention
 from .embedding_grad import lookup, small_lookup
+from .ffn_kernels import gelu_matmul
 from .fp8 import fp8_matmul
 from .fp8_delayed import delayed_matmul
 from .norm_kernels import add_layer_norm, layer_norm
@@ -244,7 +245,11 @@ class EncoderLayer(eqx.Module):
         ctx = attention(q, k, v, mask, implementation, cfg.attention_dropout, key)
         return self.out(ctx.reshape(b, s, cfg.hidden), fp8, _site(scales, 3))
 
-    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool, scales: Optional[Array] = None) -> Array:
+    def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool, scales: Optional[Array] = None,
+                      implementation: str = "xla") -> Array:
+        if implementation != "xla" and cfg.ffn_type != "glu" and not fp8:  # gelu' fused into a backward GEMM
+            return add_bias(gelu_matmul(self.ffn_in(x), self.ffn_out.weight, cfg.activation == "gelu_tanh",
+                                        implementation), self.ffn_out.bias)
         if cfg.ffn_type != "glu":
             return self.ffn_out(activation(self.ffn_in(x, fp8, _site(scales, 4)), cfg.activation), fp8,
                                 _site(scales, 5))
@@ -271,12 +276,13 @@ class EncoderLayer(eqx.Module):
         if cfg.post_ln:
             x = self.attn_norm(x + dropout(self._attend(x, mask, cfg, kernels.attention, keys[0], fp8, scales),
                                            cfg.dropout, keys[1]))
-            return self.ffn_norm(x + dropout(self._feed_forward(x, cfg, fp8, scales), cfg.dropout, keys[2]))
+            return self.ffn_norm(x + dropout(self._feed_forward(x, cfg, fp8, scales, kernels.ffn), cfg.dropout,
+                                             keys[2]))
         stream, pending = x
         stream, normed = self.attn_norm.add(stream, pending, kernels.norm)
         h = self._attend(normed, mask, cfg, kernels.attention, keys[0], fp8, scales)
         stream, normed = self.ffn_norm.add(stream, dropout(h, cfg.dropout, keys[1]), kernels.norm)
-        return stream, dropout(self._feed_forward(normed, cfg, fp8, scales), cfg.dropout, keys[2])
+        return stream, dropout(self._feed_forward(normed, cfg, fp8, scales, kernels.ffn), cfg.dropout, keys[2])
 
 
 def _site(scales: Optional[Array], index: int) -> Optional[Array]:
