@@ -14,7 +14,7 @@ from conftest import tiny
 
 from jaxbert.config import Kernels
 from jaxbert.model import BertForMLM
-from jaxbert.model.ffn_kernels import gelu_matmul
+from jaxbert.model.ffn_kernels import KernelOptions, gelu_matmul
 from jaxbert.precision import Policy
 
 
@@ -58,6 +58,14 @@ def test_fused_backward_in_bf16_is_within_one_rounding():
     np.testing.assert_array_equal(np.asarray(d_w), np.asarray(ref_w))  # d_w: the same XLA GEMM on both paths
 
 
+@pytest.mark.parametrize("options", [KernelOptions(64, 256, 32, 8, 4), KernelOptions(32, 64, 128, 4, 2)])
+def test_other_tile_settings_compute_the_same(options):
+    pre, w, g = _inputs(jnp.float32)
+    _, (ref_pre, _) = _grads(pre, w, g, True, "xla")
+    d_pre = jax.grad(lambda p: jnp.vdot(gelu_matmul(p, w, True, "pallas_interpret", options), g))(pre)
+    np.testing.assert_allclose(np.asarray(d_pre), np.asarray(ref_pre), rtol=1e-4, atol=1e-5)
+
+
 def test_widths_that_do_not_fit_the_tiles_are_a_clear_error():
     pre, w, _ = _inputs(jnp.float32, ffn=200)
     with pytest.raises(ValueError, match="ffn % 128"):
@@ -65,6 +73,9 @@ def test_widths_that_do_not_fit_the_tiles_are_a_clear_error():
     with pytest.raises(ValueError, match="ffn implementation"):
         gelu_matmul(pre, w, True, "cuda")
     assert gelu_matmul(pre, w, True, "xla").shape == (2, 70, 128)  # the reference takes any width
+    pre, w, _ = _inputs(jnp.float32)
+    with pytest.raises(ValueError, match="block_n must divide"):
+        gelu_matmul(pre, w, True, "pallas_interpret", KernelOptions(block_n=512))
 
 
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 3e-2)])

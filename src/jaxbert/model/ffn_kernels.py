@@ -12,13 +12,15 @@ with ``pre`` and writes ``d_pre``: at the budget shape (32,768 tokens x 2,048) 0
   ``gelu'(pre)`` before the single store: ``g @ w.T`` never reaches memory.
 * ``pallas_interpret``: the same kernel in Pallas's interpreter (any backend; tests).
 
-Same residuals as the unfused path: ``pre``, ``gelu(pre)`` (for ``d_w``) and ``w``. Tile sizes are fixed
-(:data:`BLOCK_M` x :data:`BLOCK_N`, k-steps of :data:`BLOCK_K`); the row count is padded to the tile, the
-widths must be multiples of their tiles (the presets' are: ffn 2048/3072, hidden 512/768).
+Same residuals as the unfused path: ``pre``, ``gelu(pre)`` (for ``d_w``) and ``w``. Tiles: ``block_m`` x
+``block_n`` outputs per program, k-steps of ``block_k`` (:class:`KernelOptions`); the row count is padded to
+the tile, the widths must be multiples of :data:`BLOCK_N` and :data:`BLOCK_K` (the presets' are: ffn 2048/3072,
+hidden 512/768), which every option's tiles divide.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -31,7 +33,18 @@ from .pallas_gpu import launch
 Array = jax.Array
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
-BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
+BLOCK_N, BLOCK_K = 128, 64  # what the widths must be multiples of; options' tiles divide them or are multiples
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Launch settings of the kernel; they change speed, never results."""
+
+    block_m: int = 128  # output rows per program
+    block_n: int = 128  # output columns per program (a divisor of BLOCK_N or a multiple of it dividing ffn)
+    block_k: int = 64  # reduction step (a divisor of BLOCK_K)
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 def gelu_slope(x: Array, approximate: bool) -> Array:
@@ -50,7 +63,8 @@ def fits(ffn: int, hidden: int) -> bool:
     return ffn % BLOCK_N == 0 and hidden % BLOCK_K == 0
 
 
-def gelu_matmul(pre: Array, w: Array, approximate: bool, implementation: str = "xla") -> Array:
+def gelu_matmul(pre: Array, w: Array, approximate: bool, implementation: str = "xla",
+                options: KernelOptions = KernelOptions()) -> Array:
     """``gelu(pre) @ w`` in ``pre``'s dtype: ``pre`` is ``(..., ffn)``, ``w`` ``(ffn, hidden)`` (cast to
     ``pre``'s dtype). The backward pass computes ``d_pre`` with ``implementation`` (module docstring)."""
     if implementation not in IMPLEMENTATIONS:
@@ -58,20 +72,23 @@ def gelu_matmul(pre: Array, w: Array, approximate: bool, implementation: str = "
     if implementation != "xla" and not fits(*w.shape):
         raise ValueError(f"ffn implementation {implementation}: needs ffn % {BLOCK_N} == 0 and hidden % "
                          f"{BLOCK_K} == 0, got w of shape {w.shape}")
-    return _gelu_matmul(pre, w.astype(pre.dtype), approximate, implementation)
+    ffn, hidden = w.shape
+    if implementation != "xla" and (ffn % options.block_n or hidden % options.block_k):
+        raise ValueError(f"ffn kernel options {options}: block_n must divide ffn={ffn} and block_k hidden={hidden}")
+    return _gelu_matmul(pre, w.astype(pre.dtype), approximate, implementation, options)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _gelu_matmul(pre: Array, w: Array, approximate: bool, implementation: str) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _gelu_matmul(pre: Array, w: Array, approximate: bool, implementation: str, options: KernelOptions) -> Array:
     return jax.nn.gelu(pre, approximate=approximate) @ w
 
 
-def _gelu_matmul_fwd(pre, w, approximate, implementation):
+def _gelu_matmul_fwd(pre, w, approximate, implementation, options):
     h = jax.nn.gelu(pre, approximate=approximate)
     return h @ w, (pre, h, w)
 
 
-def _gelu_matmul_bwd(approximate, implementation, res, g):
+def _gelu_matmul_bwd(approximate, implementation, options, res, g):
     pre, h, w = res
     g = g.astype(pre.dtype)
     rows = pre.reshape(-1, pre.shape[-1])
@@ -80,43 +97,46 @@ def _gelu_matmul_bwd(approximate, implementation, res, g):
     if implementation == "xla":
         d_pre = ((g2 @ w.T).astype(jnp.float32) * gelu_slope(rows, approximate)).astype(pre.dtype)
     else:
-        d_pre = _fused_backward(g2, w, rows, approximate, implementation == "pallas_interpret")
+        d_pre = _fused_backward(g2, w, rows, approximate, implementation == "pallas_interpret", options)
     return d_pre.reshape(pre.shape), d_w
 
 
 _gelu_matmul.defvjp(_gelu_matmul_fwd, _gelu_matmul_bwd)
 
 
-def _kernel(g_ref, w_ref, pre_ref, out_ref, *, approximate: bool, k_steps: int) -> None:
-    """One (BLOCK_M, BLOCK_N) tile of ``(g @ w.T) * gelu'(pre)``: ``g_ref`` (BLOCK_M, hidden), ``w_ref``
-    (BLOCK_N, hidden), ``pre_ref`` / ``out_ref`` (BLOCK_M, BLOCK_N)."""
+def _kernel(g_ref, w_ref, pre_ref, out_ref, *, approximate: bool, options: KernelOptions, k_steps: int) -> None:
+    """One (block_m, block_n) tile of ``(g @ w.T) * gelu'(pre)``: ``g_ref`` (block_m, hidden), ``w_ref``
+    (block_n, hidden), ``pre_ref`` / ``out_ref`` (block_m, block_n)."""
+    bk = options.block_k
 
     def step(k, acc):
-        cols = pl.ds(pl.multiple_of(k * BLOCK_K, BLOCK_K), BLOCK_K)
+        cols = pl.ds(pl.multiple_of(k * bk, bk), bk)
         return acc + jax.lax.dot_general(g_ref[:, cols], w_ref[:, cols], (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32))
+    acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((options.block_m, options.block_n), jnp.float32))
     out_ref[...] = (acc * gelu_slope(pre_ref[...], approximate)).astype(out_ref.dtype)
 
 
-def _fused_backward(g: Array, w: Array, pre: Array, approximate: bool, interpret: bool) -> Array:
+def _fused_backward(g: Array, w: Array, pre: Array, approximate: bool, interpret: bool,
+                    options: KernelOptions) -> Array:
     """``(g @ w.T) * gelu'(pre)`` for ``g`` (n, hidden), ``w`` (ffn, hidden), ``pre`` (n, ffn)."""
     n, hidden = g.shape
     ffn = w.shape[0]
-    pad = -n % BLOCK_M
+    bm, bn = options.block_m, options.block_n
+    pad = -n % bm
     if pad:
         g = jnp.pad(g, ((0, pad), (0, 0)))
         pre = jnp.pad(pre, ((0, pad), (0, 0)))
-    grid = ((n + pad) // BLOCK_M, ffn // BLOCK_N)
     out = pl.pallas_call(
-        functools.partial(_kernel, approximate=approximate, k_steps=hidden // BLOCK_K),
-        grid=grid,
-        in_specs=[pl.BlockSpec((BLOCK_M, hidden), lambda i, j: (i, 0)),
-                  pl.BlockSpec((BLOCK_N, hidden), lambda i, j: (j, 0)),
-                  pl.BlockSpec((BLOCK_M, BLOCK_N), lambda i, j: (i, j))],
-        out_specs=pl.BlockSpec((BLOCK_M, BLOCK_N), lambda i, j: (i, j)),
+        functools.partial(_kernel, approximate=approximate, options=options, k_steps=hidden // options.block_k),
+        grid=((n + pad) // bm, ffn // bn),
+        in_specs=[pl.BlockSpec((bm, hidden), lambda i, j: (i, 0)),
+                  pl.BlockSpec((bn, hidden), lambda i, j: (j, 0)),
+                  pl.BlockSpec((bm, bn), lambda i, j: (i, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((n + pad, ffn), pre.dtype),
-        **launch("gelu_matmul_bwd", num_warps=4, interpret=interpret, num_stages=3),
+        **launch("gelu_matmul_bwd", num_warps=options.num_warps, interpret=interpret,
+                 num_stages=options.num_stages),
     )(g, w, pre)
     return out[:n]

@@ -11,7 +11,6 @@ float32. Dropout is active only when a PRNG key is passed (``key=None`` means de
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import equinox as eqx
@@ -22,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ..config import Kernels, ModelConfig
 from .attention_kernel import MAX_HEAD_DIM, MAX_SEQ, short_attention
 from .embedding_grad import lookup, small_lookup
-from .ffn_kernels import gelu_matmul
+from .ffn_kernels import gelu_matmul, gelu_slope
 from .fp8 import fp8_matmul
 from .fp8_delayed import delayed_matmul
 from .norm_kernels import add_layer_norm, layer_norm
@@ -66,15 +65,7 @@ def _gelu_fwd(x: Array, approximate: bool) -> tuple[Array, Array]:
 
 
 def _gelu_bwd(approximate: bool, x: Array, g: Array) -> tuple[Array]:
-    x32 = x.astype(jnp.float32)
-    if approximate:
-        c = math.sqrt(2.0 / math.pi)
-        t = jnp.tanh(c * (x32 + 0.044715 * x32**3))
-        slope = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x32 * x32)
-    else:
-        cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
-        slope = cdf + x32 * jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
-    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+    return ((g.astype(jnp.float32) * gelu_slope(x, approximate)).astype(x.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
