@@ -201,9 +201,9 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Kernels:
-    """The kernel choices of the model, one static (hashable) value: ``impl.attention``, ``impl.norm`` and
-    ``impl.embedding_grad`` and ``impl.ffn``. Model functions take it where they take an attention implementation name; a plain
-    name stands for ``Kernels(attention=name)``."""
+    """The kernel choices of the model, one static (hashable) value: ``impl.attention``, ``impl.norm``,
+    ``impl.embedding_grad`` and ``impl.ffn``. Model functions take it where they take an attention implementation
+    name; a plain name stands for ``Kernels(attention=name)``."""
 
     attention: str = "auto"
     norm: str = "xla"
