@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from jaxbert import config
-from jaxbert.model import BertForMLM
-from jaxbert.optim import (AdamWSettings, decay_mask, make_optimizer, micro_batches_at, one_cycle,
+from jaxbert.model import BertForClassification, BertForMLM
+from jaxbert.optim import (AdamWSettings, decay_mask, depth_scales, make_optimizer, micro_batches_at, one_cycle,
                            progress_at, set_learning_rate)
 
 
@@ -109,3 +109,32 @@ def test_matches_optax_reference_chain_over_several_steps():
         p_ours, p_ref = optax.apply_updates(p_ours, updates), optax.apply_updates(p_ref, ref_updates)
     for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_layer_decay_scales_each_depth_like_its_own_learning_rate(tiny_config):
+    cfg = dataclasses.replace(tiny_config.model, layers=3)
+    model = BertForClassification(cfg, 3, key=jax.random.PRNGKey(0))
+    scales = depth_scales(model, 0.5)
+    assert float(scales.bert.embeddings.token) == 0.5 ** 4  # below the first layer: decay ** (L + 1)
+    np.testing.assert_allclose(np.asarray(scales.bert.layers.qkv.weight).ravel(), [0.125, 0.25, 0.5])
+    assert scales.bert.layers.attn_norm.scale.shape == (3, 1)  # broadcasts over each layer's own axes
+    assert float(scales.classifier.weight) == float(scales.bert.pooler.weight) == 1.0
+    # one AdamW step: the update of each leaf is the plain update times its scale (weight decay included)
+    grads = jax.tree.map(lambda x: jnp.cos(3.0 * x) + 0.1, model)
+    plain, decayed = (make_optimizer(AdamWSettings(weight_decay=0.1, no_decay=(), layer_decay=d), model)
+                      for d in (1.0, 0.5))
+    u_plain, _ = plain.update(grads, set_learning_rate(plain.init(model), 1e-3), model)
+    state = set_learning_rate(decayed.init(model), 1e-3)
+    u_decayed, state = decayed.update(grads, state, model)
+    for a, b, s in zip(jax.tree.leaves(u_decayed), jax.tree.leaves(u_plain), jax.tree.leaves(scales)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b) * np.asarray(s), rtol=1e-6, atol=1e-12)
+    assert len(state) == 3 and set_learning_rate(state, 2e-3)[1].hyperparams["learning_rate"] == 2e-3
+    assert len(plain.init(model)) == 2  # without decay the state keeps its old structure (checkpoints)
+
+
+def test_layer_decay_is_validated_and_read_from_the_finetune_section():
+    assert AdamWSettings.of(config.load("tiny", ["finetune.layer_decay=0.8"]).finetune).layer_decay == 0.8
+    assert AdamWSettings.of(config.load("tiny").train).layer_decay == 1.0  # pretraining has no such setting
+    for bad in ("0", "1.5"):
+        with pytest.raises(config.ConfigError, match="finetune.layer_decay"):
+            config.load("tiny", [f"finetune.layer_decay={bad}"])

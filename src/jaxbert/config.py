@@ -168,6 +168,9 @@ class FinetuneConfig(OptimizerFields):
     glue_dir: str = "glue"  # directory in the official GLUE layout
     epochs: int = 3
     lr: float = 5e-5  # peak learning rate: warm-up over warmup_fraction, then linear decay to 0
+    # layer-wise learning-rate decay in (0, 1]: encoder layer i of L learns at lr * layer_decay ** (L - i), the
+    # embeddings at lr * layer_decay ** (L + 1), the pooler and task head at lr (1: off; jaxbert.optim)
+    layer_decay: float = 1.0
     batch_size: int = 32
     beta2: float = 0.999  # BERT's finetuning recipe (the other optimizer fields: see OptimizerFields)
     dropout: float = 0.1
@@ -412,6 +415,7 @@ def validate(cfg: Config) -> Config:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         _check(getattr(f, name) > 0, f"finetune.{name}", f"must be positive, got {getattr(f, name)}")
     _check(f.lr > 0, "finetune.lr", "must be positive")
+    _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", f"must be in (0, 1], got {f.layer_decay}")
     _check(i.pad_multiple > 0, "impl.pad_multiple", "must be positive")
     _check(i.attention in _ATTENTIONS, "impl.attention", f"expected one of {_ATTENTIONS}, got {i.attention!r}")
     _check(not i.attention.startswith("pallas") or (max(d.seq_len, f.max_len) <= 256 and m.head_dim <= 128),

@@ -4,7 +4,8 @@
   are never decayed, nor the modules named in ``AdamWSettings.no_decay`` (pretraining: the pooler, which the MLM
   loss does not train, so decay would only shrink it). Global-norm clipping comes first. Pretraining and
   finetuning build their optimizer here, from :class:`AdamWSettings` (:meth:`AdamWSettings.of` a config's optimizer
-  section). The learning rate is an input of every step (``optax.inject_hyperparams``), set by
+  section). Finetuning may add layer-wise learning-rate decay (``finetune.layer_decay``, :func:`depth_scales`).
+  The learning rate is an input of every step (``optax.inject_hyperparams``), set by
   :func:`set_learning_rate`, so the schedule can run on steps or on elapsed time without recompiling.
 * The one-cycle schedule and the batch-size ramp are functions of *progress* in [0, 1]: ``step / steps``, or
   ``elapsed / budget`` in time-budget mode (as Cramming does).
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from .config import OptimizerFields, TrainConfig
@@ -50,6 +52,7 @@ class AdamWSettings:
     weight_decay: float = 0.01
     clip_norm: float = 0.5  # 0 disables clipping
     no_decay: tuple[str, ...] = ("pooler",)  # modules exempt from weight decay (besides biases and LayerNorms)
+    layer_decay: float = 1.0  # layer-wise learning-rate decay (1: none); see depth_scales
 
     @classmethod
     def of(cls, section: OptimizerFields) -> "AdamWSettings":
@@ -57,24 +60,57 @@ class AdamWSettings:
         the MLM loss does not train it) or ``cfg.finetune`` (the pooler feeds the classifier and is decayed like
         every other weight, BERT's recipe)."""
         no_decay = ("pooler",) if isinstance(section, TrainConfig) else ()
-        return cls(section.beta1, section.beta2, section.eps, section.weight_decay, section.clip_norm, no_decay)
+        return cls(section.beta1, section.beta2, section.eps, section.weight_decay, section.clip_norm, no_decay,
+                   getattr(section, "layer_decay", 1.0))
+
+
+def depth_scales(params: Any, decay: float) -> Any:
+    """Layer-wise learning-rate decay: a pytree like ``params`` of multipliers for the updates. With ``L``
+    encoder layers, the embeddings get ``decay ** (L + 1)``, encoder layer ``i`` (0 = the lowest) ``decay ** (L
+    - i)`` (an ``(L, 1, ...)`` array: the layers' parameters are stacked on their first axis), everything above
+    the encoder (final LayerNorm, pooler, task head) 1. Scaling AdamW's update scales its weight decay too, so
+    this is exactly a learning rate per depth."""
+    layers = {leaf.shape[0] for path, leaf in jax.tree_util.tree_leaves_with_path(params) if _under(path, "layers")}
+    if len(layers) != 1:
+        raise ValueError(f"layer-wise lr decay: expected one stack of encoder layers, found leading sizes {layers}")
+    depth = layers.pop()
+
+    def scale(path: tuple, leaf: Any) -> Any:
+        if _under(path, "embeddings"):
+            return jnp.asarray(decay ** (depth + 1), jnp.float32)
+        if _under(path, "layers"):
+            powers = jnp.asarray([decay ** (depth - i) for i in range(depth)], jnp.float32)
+            return powers.reshape((depth,) + (1,) * (leaf.ndim - 1))
+        return jnp.asarray(1.0, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def _under(path: tuple, name: str) -> bool:
+    return any(getattr(k, "name", getattr(k, "key", None)) == name for k in path)
 
 
 def make_optimizer(settings: AdamWSettings, params: Any) -> optax.GradientTransformation:
-    """clip_by_global_norm (identity when clip_norm == 0) followed by AdamW with an injectable learning rate."""
+    """clip_by_global_norm (identity when clip_norm == 0) followed by AdamW with an injectable learning rate,
+    then, with ``layer_decay < 1``, the updates scaled by :func:`depth_scales`."""
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=0.0, b1=settings.b1, b2=settings.b2, eps=settings.eps, weight_decay=settings.weight_decay,
         mask=decay_mask(params, settings.no_decay))
     clip = optax.clip_by_global_norm(settings.clip_norm) if settings.clip_norm > 0 else optax.identity()
-    return optax.chain(clip, adamw)
+    if settings.layer_decay == 1.0:
+        return optax.chain(clip, adamw)
+    scales = depth_scales(params, settings.layer_decay)
+    by_depth = optax.stateless(lambda updates, params=None: jax.tree.map(
+        lambda u, s: u * s.astype(u.dtype), updates, scales))
+    return optax.chain(clip, adamw, by_depth)
 
 
 def set_learning_rate(opt_state: Any, lr: Any) -> Any:
     """The optimizer state of :func:`make_optimizer` with its learning rate replaced (traceable)."""
-    clip_state, adam_state = opt_state
+    clip_state, adam_state, *rest = opt_state
     hyper = dict(adam_state.hyperparams)
     hyper["learning_rate"] = jax.numpy.asarray(lr, hyper["learning_rate"].dtype)
-    return (clip_state, adam_state._replace(hyperparams=hyper))
+    return (clip_state, adam_state._replace(hyperparams=hyper), *rest)
 
 
 def one_cycle(peak: float, warmup_fraction: float, final_fraction: float) -> Schedule:
