@@ -142,3 +142,4 @@ def test_auto_attention_resolution():
     long = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)  # beyond the kernel's 256 tokens
     assert resolve_attention("auto", long, None) == ("cudnn" if on_gpu else "xla")
     assert resolve_attention("cudnn", q16, None) == "cudnn"  # explicit names pass through
+    assert resolve_attention("auto", q16.astype(jnp.float16), None) == ("cudnn" if on_gpu else "xla")  # bf16 only

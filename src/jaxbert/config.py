@@ -224,7 +224,7 @@ class ImplConfig:
 
     # auto | xla | cudnn | pallas (short-sequence Pallas kernel, GPU, seq <= 256) | pallas_interpret (the same
     # kernel interpreted: any backend, slow; for tests). auto, for 16-bit compute on a GPU: pallas on one GPU
-    # for unpadded batches (pretraining) with seq <= 256 and head_dim <= 128, else cudnn; xla otherwise
+    # for unpadded bf16 batches (pretraining) with seq <= 256 and head_dim <= 128, else cudnn; xla otherwise
     attention: str = "auto"
     # LayerNorm (with the residual add before it, pre-LN): auto (the Pallas kernel on one GPU for 16-bit
     # compute, else XLA; +13% BERT-base tokens/s on an H200, benchmarks/RESULTS.md) | xla | pallas

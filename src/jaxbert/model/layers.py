@@ -175,18 +175,19 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Bool[Array, "b s"]], 
 
 
 def resolve_attention(implementation: str, q: Array, mask: Optional[Array]) -> str:
-    """What ``auto`` stands for: on a GPU with 16-bit inputs, the Pallas short-sequence kernel when there is
-    one device, no padding mask (pretraining's contiguous chunks) and it fits (seq <= 256, head_dim <= 128;
-    +2% tokens/s at the budget shape over cuDNN, whose q/k/v slices and gradient concatenation it avoids), else
-    cuDNN; XLA on other backends or dtypes. Padded batches (finetuning) stay on cuDNN. A Pallas call has no
-    sharding rule, so multi-device runs stay on cuDNN too. Other names are returned as given."""
+    """What ``auto`` stands for: on a GPU with bf16 inputs, the Pallas short-sequence kernel when there is one
+    device, no padding mask (pretraining's contiguous chunks) and it fits (seq <= 256, head_dim <= 128; +2%
+    tokens/s at the budget shape over cuDNN, whose q/k/v slices and gradient concatenation it avoids), else
+    cuDNN; cuDNN for fp16 too (the kernel is measured in bf16 only); XLA on other backends or dtypes. Padded
+    batches (finetuning) stay on cuDNN. A Pallas call has no sharding rule, so multi-device runs stay on cuDNN
+    too. Other names are returned as given."""
     if implementation != "auto":
         return implementation
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         return "xla"
     fits = q.shape[1] <= MAX_SEQ and q.shape[-1] <= MAX_HEAD_DIM
     single = jax.device_count() == 1 and plgpu is not None
-    return "pallas" if mask is None and fits and single else "cudnn"
+    return "pallas" if q.dtype == jnp.bfloat16 and mask is None and fits and single else "cudnn"
 
 
 def _attention_with_dropout(q: Array, k: Array, v: Array, mask: Optional[Array], rate: float,
