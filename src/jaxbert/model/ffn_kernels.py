@@ -14,8 +14,9 @@ with ``pre`` and writes ``d_pre``: at the budget shape (32,768 tokens x 2,048) 0
 
 Same residuals as the unfused path: ``pre``, ``gelu(pre)`` (for ``d_w``) and ``w``. Tiles: ``block_m`` x
 ``block_n`` outputs per program, k-steps of ``block_k`` (:class:`KernelOptions`); the row count is padded to
-the tile, the widths must be multiples of :data:`BLOCK_N` and :data:`BLOCK_K` (the presets' are: ffn 2048/3072,
-hidden 512/768), which every option's tiles divide.
+the tile; the widths must be multiples of :data:`BLOCK_N` and :data:`BLOCK_K` (the presets' are: ffn 2048/3072,
+hidden 512/768) and of the chosen ``block_n`` / ``block_k`` (checked). The model's ``impl.ffn=xla`` does not call
+this module: it keeps the unfused ``activation`` + matmul path.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .pallas_gpu import launch
 Array = jax.Array
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
-BLOCK_N, BLOCK_K = 128, 64  # what the widths must be multiples of; options' tiles divide them or are multiples
+BLOCK_N, BLOCK_K = 128, 64  # what the widths must be multiples of (the default tiles)
 
 
 @dataclasses.dataclass(frozen=True)
