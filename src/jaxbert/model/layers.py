@@ -239,7 +239,8 @@ class EncoderLayer(eqx.Module):
 
     def _feed_forward(self, x: Array, cfg: ModelConfig, fp8: bool, scales: Optional[Array] = None,
                       implementation: str = "xla") -> Array:
-        if implementation != "xla" and cfg.ffn_type != "glu" and not fp8:  # gelu' fused into a backward GEMM
+        # gelu' fused into a backward GEMM (ffn_kernels), for 16-bit compute: float32 keeps the XLA path
+        if implementation != "xla" and cfg.ffn_type != "glu" and not fp8 and x.dtype != jnp.float32:
             return add_bias(gelu_matmul(self.ffn_in(x), self.ffn_out.weight, cfg.activation == "gelu_tanh",
                                         implementation), self.ffn_out.bias)
         if cfg.ffn_type != "glu":
