@@ -349,6 +349,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 _PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 _TRAIN_PRECISIONS = _PRECISIONS + ("fp8_delayed",)  # delayed scaling needs the pretraining state's histories
+# impl.ffn=pallas: model.ffn and model.hidden must be multiples of these (the default tiles of
+# jaxbert.model.ffn_kernels, which takes them from here: the model imports this module, never the reverse)
+FFN_KERNEL_MULTIPLES = (128, 64)
 _ATTENTIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
 
 
@@ -424,12 +427,12 @@ def validate(cfg: Config) -> Config:
     _check(i.embedding_grad in ("auto", "scatter", "sorted"), "impl.embedding_grad",
            f"expected auto|scatter|sorted, got {i.embedding_grad!r}")
     _check(i.ffn in ("xla", "pallas"), "impl.ffn", f"expected xla|pallas, got {i.ffn!r}")
-    if i.ffn == "pallas":
-        from .model import ffn_kernels  # the kernel's tile sizes (a lazy import: the model imports this module)
-        _check(m.ffn_type == "mlp" and not t.precision.startswith("fp8") and not f.precision.startswith("fp8")
-               and ffn_kernels.fits(m.ffn, m.hidden), "impl.ffn",
-               f"pallas needs model.ffn_type=mlp, no fp8 precision, model.ffn a multiple of {ffn_kernels.BLOCK_N} "
-               f"and model.hidden of {ffn_kernels.BLOCK_K}")
+    ffn_multiple, hidden_multiple = FFN_KERNEL_MULTIPLES
+    _check(i.ffn == "xla" or (m.ffn_type == "mlp" and not t.precision.startswith("fp8")
+                              and not f.precision.startswith("fp8") and m.ffn % ffn_multiple == 0
+                              and m.hidden % hidden_multiple == 0), "impl.ffn",
+           f"pallas needs model.ffn_type=mlp, no fp8 precision, model.ffn a multiple of {ffn_multiple} and "
+           f"model.hidden of {hidden_multiple}")
     _check(cfg.distributed.fsdp >= 1, "distributed.fsdp", f"must be at least 1, got {cfg.distributed.fsdp}")
     _check(cfg.distributed.init_timeout_s >= 1, "distributed.init_timeout_s", "must be at least 1 second")
     return cfg

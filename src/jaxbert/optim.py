@@ -36,7 +36,7 @@ def decay_mask(params: Any, no_decay: tuple[str, ...] = ("pooler",)) -> Any:
     def mark(path: tuple, leaf: Any) -> Any:
         if isinstance(leaf, LayerNorm):
             return jax.tree.map(lambda _: False, leaf)
-        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]  # attribute or dict key
+        names = _names(path)
         return not (names[-1] == "bias" or any(n in names for n in no_decay))
 
     return jax.tree_util.tree_map_with_path(mark, params, is_leaf=lambda x: isinstance(x, LayerNorm))
@@ -86,8 +86,13 @@ def depth_scales(params: Any, decay: float) -> Any:
     return jax.tree_util.tree_map_with_path(scale, params)
 
 
+def _names(path: tuple) -> list:
+    """The attribute names or dict keys along a pytree path."""
+    return [getattr(k, "name", getattr(k, "key", None)) for k in path]
+
+
 def _under(path: tuple, name: str) -> bool:
-    return any(getattr(k, "name", getattr(k, "key", None)) == name for k in path)
+    return name in _names(path)
 
 
 def make_optimizer(settings: AdamWSettings, params: Any) -> optax.GradientTransformation:

@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ..config import FFN_KERNEL_MULTIPLES
 from .pallas_gpu import launch
 
 Array = jax.Array
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
-BLOCK_N, BLOCK_K = 128, 64  # what the widths must be multiples of (the default tiles)
+BLOCK_N, BLOCK_K = FFN_KERNEL_MULTIPLES  # what the widths must be multiples of (the default tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,8 @@ class KernelOptions:
     """Launch settings of the kernel; they change speed, never results."""
 
     block_m: int = 128  # output rows per program
-    block_n: int = 128  # output columns per program (a divisor of BLOCK_N or a multiple of it dividing ffn)
-    block_k: int = 64  # reduction step (a divisor of BLOCK_K)
+    block_n: int = BLOCK_N  # output columns per program (must divide ffn)
+    block_k: int = BLOCK_K  # reduction step (must divide hidden)
     num_warps: int = 4
     num_stages: int = 3
 
