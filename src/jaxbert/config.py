@@ -236,7 +236,7 @@ class ImplConfig:
     embedding_grad: str = "auto"
     # the feed-forward's GELU backward: xla (a GEMM, then a pass that multiplies in gelu') | pallas (one Pallas
     # GEMM with gelu' in its epilogue, GPU; jaxbert.model.ffn_kernels; MLP feed-forward without FP8 only, and
-    # 16-bit compute: float32 steps keep the XLA path; not measured on the GPU yet, hence not the default)
+    # 16-bit compute: float32 steps keep the XLA path; on an H200 it is slower than xla: benchmarks/RESULTS.md)
     ffn: str = "xla"
     remat: bool = False  # recompute layer activations in the backward pass (saves memory)
     prefetch: int = 2  # batches prepared ahead by the loader thread
