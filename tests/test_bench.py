@@ -106,14 +106,20 @@ def test_multi_device_timing_runs_the_same_step_as_one_device(tmp_path):
     assert result["refused"] == "--devices 3: only 2 local device(s) here"
 
 
-def test_scaling_table_efficiency_against_one_device():
+def load_benchmark(relative: str):
+    """A script under benchmarks/ (not a package) as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    spec = importlib.util.spec_from_file_location("throughput", path)
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_table_efficiency_against_one_device():
+    throughput = load_benchmark("throughput.py")
     rows = [{"side": "jaxbert", "case": "dp-1", "group": "dp", "devices": 1, "batch": 256, "tokens_per_s": 100.0},
             {"side": "jaxbert", "case": "dp-2", "group": "dp", "devices": 2, "batch": 512, "tokens_per_s": 190.0},
             {"side": "jaxbert", "case": "dp-4", "group": "dp", "devices": 4, "error": "only 2 local device(s)"}]
@@ -123,13 +129,7 @@ def test_scaling_table_efficiency_against_one_device():
 
 def test_hlo_census_counts_data_movement_inside_fusions_too():
     """benchmarks/kernels/hlo_census.py: transposes, copies and converts with their bytes, fused or not."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "hlo_census.py"
-    spec = importlib.util.spec_from_file_location("hlo_census", path)
-    hlo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hlo)
+    hlo = load_benchmark("kernels/hlo_census.py")
     text = """HloModule jit_single_step
 
 %fused_computation.1 (p: bf16[4,8]) -> bf16[8,4] {
@@ -148,3 +148,21 @@ ENTRY %main.9 (a: f32[4,8]) -> bf16[8,4] {
     assert [(r["op"], r["bytes"], r["computation"]) for r in records] == [
         ("transpose", 64, "fused_computation.1"), ("convert", 64, "main.9")]
     assert records[1]["op_name"] == "jit(single_step)/convert_element_type"
+
+
+def test_quality_curve_groups_seed_scores_by_recipe_and_minutes(tmp_path):
+    """benchmarks/quality/curve.py: rows join a curve through their 'curve' key; every seed is a point."""
+    curve = load_benchmark("quality/curve.py")
+    rows = [{"curve": "a", "pretrain_minutes": 3.0, "mnli_m": 66.0, "per_seed": {"m": [65.0, 67.0]}},
+            {"curve": "a", "pretrain_minutes": 3, "mnli_m": 66.5},  # no per-seed scores: the median is the point
+            {"curve": "a", "pretrain_minutes": 6.0, "mnli_m": 68.0, "per_seed": {"m": [68.0, 68.2]}},
+            {"curve": "b", "pretrain_minutes": 6.0, "mnli_m": 69.0, "per_seed": {"m": [69.0]}},
+            {"pretrain_minutes": 3.0, "mnli_m": 70.0},  # a lever's rung, not on a curve
+            {"curve": "a", "pretrain_minutes": 12.0, "mnli_m": None}]  # not finetuned
+    data = curve.curves(rows)
+    assert {k: dict(v) for k, v in data.items()} == {"a": {3.0: [65.0, 67.0, 66.5], 6.0: [68.0, 68.2]},
+                                                      "b": {6.0: [69.0]}}
+    target = tmp_path / "curve.png"
+    curve.draw(data, target)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
