@@ -6,8 +6,9 @@
 # usage: bash benchmarks/quality/loss_check.sh NAME "overrides" [NAME "overrides" ...]   (logs in $LOGS)
 # e.g.   bash benchmarks/quality/loss_check.sh ref "" bf16logits "train.mlm_logits=compute"
 logs=${LOGS:-/tmp/q/logs}; mkdir -p "$logs"
-data="data.source=${WIKI:-scratch/budget/wiki} data.cache_dir=/tmp/jaxbert-cache"
-if [ ! -f "${WIKI:-scratch/budget/wiki}/meta.json" ]; then
+wiki=${WIKI:-scratch/budget/wiki}
+data="data.source=$wiki data.cache_dir=/tmp/jaxbert-cache"
+if [ ! -f "$wiki/meta.json" ]; then
   jaxbert prepare --config budget --quiet $data > "$logs/check-prepare.log" 2>&1 || { cat "$logs/check-prepare.log"; exit 1; }
 fi
 names=()

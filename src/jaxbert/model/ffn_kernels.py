@@ -14,8 +14,8 @@ with ``pre`` and writes ``d_pre``: at the budget shape (32,768 tokens x 2,048) 0
 
 Same residuals as the unfused path: ``pre``, ``gelu(pre)`` (for ``d_w``) and ``w``. Tiles: ``block_m`` x
 ``block_n`` outputs per program, k-steps of ``block_k`` (:class:`KernelOptions`); the row count is padded to
-the tile; the widths must be multiples of :data:`BLOCK_N` and :data:`BLOCK_K` (the presets' are: ffn 2048/3072,
-hidden 512/768) and of the chosen ``block_n`` / ``block_k`` (checked). The model's ``impl.ffn=xla`` does not call
+the tile; ffn must be a multiple of ``block_n`` and hidden of ``block_k`` (checked; the defaults :data:`BLOCK_N`
+and :data:`BLOCK_K` divide the presets' ffn 2048/3072 and hidden 512/768). The model's ``impl.ffn=xla`` does not call
 this module: it keeps the unfused ``activation`` + matmul path.
 
 Measured on an H200 (``benchmarks/kernels/check_ffn.py``, RESULTS.md "Throughput II, fifth session"): exact to
@@ -64,23 +64,17 @@ def gelu_slope(x: Array, approximate: bool) -> Array:
     return cdf + x * jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
 
 
-def fits(ffn: int, hidden: int) -> bool:
-    """Whether the kernel's tiles divide the widths."""
-    return ffn % BLOCK_N == 0 and hidden % BLOCK_K == 0
-
-
 def gelu_matmul(pre: Array, w: Array, approximate: bool, implementation: str = "xla",
                 options: KernelOptions = KernelOptions()) -> Array:
     """``gelu(pre) @ w`` in ``pre``'s dtype: ``pre`` is ``(..., ffn)``, ``w`` ``(ffn, hidden)`` (cast to
     ``pre``'s dtype). The backward pass computes ``d_pre`` with ``implementation`` (module docstring)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"ffn implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation != "xla" and not fits(*w.shape):
-        raise ValueError(f"ffn implementation {implementation}: needs ffn % {BLOCK_N} == 0 and hidden % "
-                         f"{BLOCK_K} == 0, got w of shape {w.shape}")
     ffn, hidden = w.shape
     if implementation != "xla" and (ffn % options.block_n or hidden % options.block_k):
-        raise ValueError(f"ffn kernel options {options}: block_n must divide ffn={ffn} and block_k hidden={hidden}")
+        raise ValueError(f"ffn implementation {implementation}: needs ffn % {options.block_n} == 0 and hidden % "
+                         f"{options.block_k} == 0 (block_n must divide ffn, block_k hidden), got ffn={ffn}, "
+                         f"hidden={hidden} with {options}")
     return _gelu_matmul(pre, w.astype(pre.dtype), approximate, implementation, options)
 
 
