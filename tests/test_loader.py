@@ -75,11 +75,44 @@ def test_process_split_partitions_the_global_batch(stream):
         get_batch(stream, 3, 2, 10, SEQ, process_index=0, process_count=3)
 
 
+def test_shifted_windows_cut_each_later_epoch_at_its_own_offset(stream):
+    n = stream.n_chunks(SEQ, shift=True)
+    assert n == (SEQ * 50 + 7 - (SEQ - 1)) // SEQ == 49  # every window fits at every offset
+    rows = get_samples(stream, seed=0, start=0, count=5 * n, seq_len=SEQ, shift=True)
+    offsets = []
+    for epoch in range(5):
+        part = rows[epoch * n:(epoch + 1) * n]
+        starts = part[:, 0].astype(np.int64)  # the stream's values are their own positions
+        assert all(np.array_equal(row, np.arange(row[0], row[0] + SEQ)) for row in part)  # contiguous windows
+        offset = int(starts[0]) % SEQ
+        assert sorted(starts.tolist()) == [offset + i * SEQ for i in range(n)]  # each window of its grid once
+        assert offset == loader.epoch_offset(0, epoch, SEQ)
+        offsets.append(offset)
+    assert offsets[0] == 0 and any(offsets[1:]) and all(0 <= o < SEQ for o in offsets)
+    plain = get_samples(stream, seed=0, start=0, count=5 * 50, seq_len=SEQ)
+    assert all(int(v) % SEQ == 0 for v in plain[:, 0])  # off: the one grid of every epoch, as before
+
+
+def test_shifted_windows_keep_resume_and_the_process_split_exact(stream):
+    whole = get_samples(stream, 3, 40, 24, SEQ, shift=True)  # spans the boundary of epochs 0 and 1 (49 windows)
+    parts = [get_samples(stream, 3, 40 + 8 * i, 8, SEQ, shift=True) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    shares = [get_samples(stream, 3, 40, 24, SEQ, process_index=p, process_count=3, shift=True) for p in range(3)]
+    np.testing.assert_array_equal(np.concatenate(shares), whole)
+    loader.epoch_permutation.cache_clear()
+    np.testing.assert_array_equal(get_samples(stream, 3, 40, 24, SEQ, shift=True), whole)
+    assert not np.array_equal(get_samples(stream, 4, 40, 24, SEQ, shift=True), whole)
+
+
 def test_stream_shorter_than_one_sequence(tmp_path):
     path = tmp_path / "short.bin"
     np.arange(10, dtype=np.uint16).tofile(path)
     with pytest.raises(ValueError, match="short.bin.*shorter than one sequence"):
         get_batch(TokenStream(path, "uint16"), 0, 0, 2, seq_len=16)
+    np.arange(20, dtype=np.uint16).tofile(path)  # one window on the grid, none at every offset
+    assert TokenStream(path, "uint16").n_chunks(16) == 1
+    with pytest.raises(ValueError, match=r"short.bin: 20 tokens .* at every window offset \(data.shift_windows\)"):
+        get_samples(TokenStream(path, "uint16"), 0, 0, 1, 16, shift=True)
     with pytest.raises(FileNotFoundError, match="missing.bin"):
         TokenStream(tmp_path / "missing.bin", "uint16")
 

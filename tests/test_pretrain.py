@@ -221,3 +221,25 @@ def test_resume_overrides_are_checked_against_the_run(tmp_path):  # issue 19, de
     assert run_dir == run and cfg.train.steps == 7 and cfg.data.max_predictions == 5 and cfg.model.hidden == 32
     with pytest.raises(config.ConfigError, match="'data.max_predictions'"):
         pretrain.resolve_config(config.parse_args(cli.pretrain_parser(), [*argv, "data.max_predictions=1"]))
+
+
+def test_shifted_windows_reach_the_training_loader_only(root, monkeypatch):
+    from jaxbert import pretrain
+
+    calls: list[tuple[int, int, bool]] = []
+    real = pretrain.get_samples
+
+    def spy(stream, seed, start, count, seq_len, *split, shift=False):
+        calls.append((start + count, stream.n_chunks(seq_len, shift), shift))
+        return real(stream, seed, start, count, seq_len, *split, shift=shift)
+
+    monkeypatch.setattr(pretrain, "get_samples", spy)
+    cfg = config.load("tiny", _overrides(root, **{"train.steps": 45, "train.checkpoint_every": 0,
+                                                  "train.eval_every": 0, "data.shift_windows": True,
+                                                  "train.run_name": "shifted"}))
+    result = pretrain.pretrain(cfg, console=False)
+    held_out, training = calls[0], calls[1:]
+    assert held_out[2] is False and training and all(shift for _, _, shift in training)
+    assert training[-1][0] > training[-1][1]  # the run went past its first epoch, where windows shift
+    evals = [metrics["loss"] for _, metrics in result.evals]
+    assert len(evals) == 2 and evals[-1] < evals[0]

@@ -97,6 +97,10 @@ class DataConfig:
     # mask whole words: a chosen token brings every WordPiece piece of its word ("##" continuations) with it
     # (jaxbert.data.mlm); the number of masked tokens stays the same, made of whole words only
     whole_word_masking: bool = False
+    # cut each pass over the training stream after the first at a fresh offset in [0, seq_len) (from the seed and
+    # the pass), so repeated passes see the text in other windows (jaxbert.data.loader); the token stream and
+    # held-out evaluation do not change
+    shift_windows: bool = False
     cache_dir: str = "cache"  # prepared datasets live in <cache_dir>/<hash>/
 
 

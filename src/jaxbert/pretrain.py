@@ -199,7 +199,7 @@ def pretrain(cfg: Config, *, run_dir: Optional[Path] = None, resume: bool = Fals
         run_eval(state, progress)
     split = distributed.process_split()  # each process reads only its slice of every global batch
     samples = lambda start, count: distributed.global_batch(get_samples(  # noqa: E731
-        data.train, cfg.train.seed, start, count, cfg.data.seq_len, *split), mesh)
+        data.train, cfg.train.seed, start, count, cfg.data.seq_len, *split, shift=cfg.data.shift_windows), mesh)
     stream = micro_batch_stream(samples, progress.data_position, cfg.train.micro_batch)
     try:
         with stop_requests() as received, _prefetch(stream, cfg.impl.prefetch) as batches:

@@ -7,6 +7,11 @@ permutation of ``[0, n_chunks)`` drawn by numpy from ``(seed, e)``. The permutat
 ``n_chunks`` entries (4 bytes each: 1M chunks = 4 MB), computed once per epoch and cached; nothing else is
 materialised, and the tokens themselves are only read from the memmap (page cache), never copied whole.
 
+With ``shift`` (``data.shift_windows``), every epoch after the first cuts its chunks at its own offset in
+``[0, seq_len)``, drawn from ``(seed, epoch)``: a repeated pass sees the same text in different windows (each
+token with other neighbours and at another position) instead of the same sequences again. ``n_chunks`` is then
+``(tokens - seq_len + 1) // seq_len``, so that every offset fits (at most one chunk fewer per epoch).
+
 Because the data depend only on ``(seed, sample index)``, a resumed run that knows how many samples it has
 consumed gets exactly the data it would have seen; a batch size that changes during training (a ramp) stays
 exact when the caller counts samples (:func:`get_samples`). With several processes, each reads only its own
@@ -45,21 +50,23 @@ class TokenStream:
     def __repr__(self) -> str:
         return f"TokenStream({str(self.path)!r}, {len(self)} tokens, {self.dtype})"
 
-    def n_chunks(self, seq_len: int) -> int:
-        """Number of whole ``seq_len`` chunks; an error when the stream is shorter than one."""
+    def n_chunks(self, seq_len: int, shift: bool = False) -> int:
+        """Number of whole ``seq_len`` chunks in an epoch (with ``shift``: that fit at every offset below
+        ``seq_len``); an error when the stream is shorter than one."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
-        n = len(self) // seq_len
+        n = (len(self) - (seq_len - 1 if shift else 0)) // seq_len
         if n < 1:
             raise ValueError(f"token stream {self.path}: {len(self)} tokens is shorter than one sequence "
-                             f"of seq_len={seq_len}")
+                             f"of seq_len={seq_len}" + (" at every window offset (data.shift_windows)" if shift else ""))
         return n
 
-    def chunks(self, indices: np.ndarray, seq_len: int) -> np.ndarray:
-        """Rows ``tokens[i*seq_len:(i+1)*seq_len]`` for each chunk index, as int32 ``(len(indices), seq_len)``."""
-        out = np.empty((len(indices), seq_len), np.int32)
-        for row, index in enumerate(np.asarray(indices, np.int64)):
-            start = int(index) * seq_len
+    def chunks(self, indices: np.ndarray, seq_len: int, offsets: np.ndarray | int = 0) -> np.ndarray:
+        """Rows ``tokens[o + i*seq_len : o + (i+1)*seq_len]`` for each chunk index ``i`` and its offset ``o``,
+        as int32 ``(len(indices), seq_len)``."""
+        starts = np.asarray(indices, np.int64) * seq_len + np.asarray(offsets, np.int64)
+        out = np.empty((len(starts), seq_len), np.int32)
+        for row, start in enumerate(starts.tolist()):
             out[row] = self.tokens[start:start + seq_len]
         return out
 
@@ -72,6 +79,23 @@ def epoch_permutation(seed: int, epoch: int, n_chunks: int) -> np.ndarray:
     perm = rng.permutation(n_chunks).astype(dtype)
     perm.setflags(write=False)
     return perm
+
+
+def epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
+    """Where epoch ``epoch`` cuts its chunks when windows shift: 0 for the first epoch, then an offset in
+    ``[0, seq_len)`` determined by (seed, epoch)."""
+    if epoch == 0:
+        return 0
+    return int(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0x5F1F7]).integers(seq_len))
+
+
+def sample_offsets(seed: int, start: int, count: int, n_chunks: int, seq_len: int) -> np.ndarray:
+    """The window offset (:func:`epoch_offset`) of each global sample ``start, ..., start + count - 1``."""
+    epochs = (start + np.arange(count, dtype=np.int64)) // n_chunks
+    first = int(epochs[0]) if count else 0
+    table = np.array([epoch_offset(seed, e, seq_len) for e in range(first, int(epochs[-1]) + 1 if count else 0)],
+                     np.int64)
+    return table[epochs - first]
 
 
 def sample_indices(seed: int, start: int, count: int, n_chunks: int) -> np.ndarray:
@@ -100,12 +124,14 @@ def process_slice(count: int, process_index: int, process_count: int) -> tuple[i
 
 
 def get_samples(stream: TokenStream, seed: int, start: int, count: int, seq_len: int,
-                process_index: int = 0, process_count: int = 1) -> np.ndarray:
+                process_index: int = 0, process_count: int = 1, shift: bool = False) -> np.ndarray:
     """Global samples ``[start, start + count)`` as int32 ``(count / process_count, seq_len)``: this process's
-    rows only. The result depends only on (stream, seed, start, count, seq_len, process split)."""
+    rows only. The result depends only on (stream, seed, start, count, seq_len, process split, shift)."""
     offset, share = process_slice(count, process_index, process_count)
-    indices = sample_indices(seed, start + offset, share, stream.n_chunks(seq_len))
-    return stream.chunks(indices, seq_len)
+    n_chunks = stream.n_chunks(seq_len, shift)
+    indices = sample_indices(seed, start + offset, share, n_chunks)
+    offsets = sample_offsets(seed, start + offset, share, n_chunks, seq_len) if shift else 0
+    return stream.chunks(indices, seq_len, offsets)
 
 
 def get_batch(stream: TokenStream, seed: int, step: int, batch_size: int, seq_len: int,
