@@ -166,3 +166,22 @@ def test_quality_curve_groups_seed_scores_by_recipe_and_minutes(tmp_path):
     curve.draw(data, target)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def test_quality_gap_counts_passes_and_sets_held_out_beside_training_loss():
+    """benchmarks/quality/gap.py: tokens follow the logged batch sizes; the gap is held-out minus nearby training."""
+    gap = load_benchmark("quality/gap.py")
+    records = [{"step": 0, "split": "eval", "loss": 10.0},
+               {"step": 50, "split": "train", "loss": 5.0, "batch_size": 2},
+               {"step": 100, "split": "train", "loss": 4.0, "batch_size": 4},
+               {"step": 100, "split": "eval", "loss": 4.3},
+               {"step": 400, "split": "train", "loss": 3.0, "batch_size": 4},
+               {"step": 400, "split": "eval", "loss": 3.2},
+               {"step": 900, "split": "eval", "loss": 3.1}]  # no training record within the window: left out
+    rows = gap.gap_rows(records, corpus_tokens=1000, seq_len=2, window=60)
+    assert [r["step"] for r in rows] == [100, 400]
+    assert [r["tokens"] for r in rows] == [50 * 2 * 2 + 50 * 4 * 2, 600 + 300 * 4 * 2]
+    assert rows[0]["passes"] == 0.6 and rows[0]["train_loss"] == 4.5 and abs(rows[0]["gap"] + 0.2) < 1e-12
+    assert abs(rows[1]["gap"] - 0.2) < 1e-12
+    text = gap.table("run", rows, every=400)
+    assert text.splitlines()[-1] == "| 400 | 0M | 3.0 | 3.200 | 3.000 | +0.200 |" and "| 100 |" not in text
