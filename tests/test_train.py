@@ -76,8 +76,8 @@ def test_accumulated_gradients_equal_full_batch_gradient(cfg, ids):
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(reference))
 
 
-@pytest.mark.parametrize("options", [(), ("model.bias=true",), ("model.ffn_type=glu", "model.ffn=48")],
-                         ids=["default", "bias", "glu"])
+@pytest.mark.parametrize("options", [(), ("model.bias=true",), ("model.ffn_type=glu", "model.ffn=48"),
+                                     ("model.dropout=0.1",)], ids=["default", "bias", "glu", "dropout"])
 def test_train_step_reduces_loss_and_is_deterministic(cfg, ids, options):
     cfg = _config(*options) if options else cfg
     spec = make_spec(cfg, SPECIAL, MASK_ID)
@@ -96,6 +96,15 @@ def test_train_step_reduces_loss_and_is_deterministic(cfg, ids, options):
     assert int(state_a.step) == 12 and int(state_a.skipped) == 0
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pretraining_dropout_acts_in_the_step(cfg, ids):
+    """model.dropout > 0 in pretraining: the same start and batch give another loss than without dropout."""
+    losses = []
+    for c in (cfg, _config("model.dropout=0.1")):
+        _, metrics = train_step(init_state(c, key=jax.random.PRNGKey(0)), [ids], 1e-2, make_spec(c, SPECIAL, MASK_ID))
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) > 1e-4
 
 
 def _leaves_equal(a, b) -> bool:
