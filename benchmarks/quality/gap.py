@@ -54,9 +54,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=250, help="steps either side of an evaluation to average")
     parser.add_argument("--every", type=int, default=1000, help="print evaluations at multiples of this step")
     args = parser.parse_args()
+    tables = []
     for path in args.metrics:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        print(table(str(path), gap_rows(records, args.tokens, args.seq_len, args.window), args.every), end="\n\n")
+        tables.append(table(str(path), gap_rows(records, args.tokens, args.seq_len, args.window), args.every))
+    print("\n\n".join(tables))
 
 
 if __name__ == "__main__":
