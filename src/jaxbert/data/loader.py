@@ -91,11 +91,8 @@ def epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
 
 def sample_offsets(seed: int, start: int, count: int, n_chunks: int, seq_len: int) -> np.ndarray:
     """The window offset (:func:`epoch_offset`) of each global sample ``start, ..., start + count - 1``."""
-    epochs = (start + np.arange(count, dtype=np.int64)) // n_chunks
-    first = int(epochs[0]) if count else 0
-    table = np.array([epoch_offset(seed, e, seq_len) for e in range(first, int(epochs[-1]) + 1 if count else 0)],
-                     np.int64)
-    return table[epochs - first]
+    epochs, index = np.unique((start + np.arange(count, dtype=np.int64)) // n_chunks, return_inverse=True)
+    return np.array([epoch_offset(seed, int(e), seq_len) for e in epochs], np.int64)[index]
 
 
 def sample_indices(seed: int, start: int, count: int, n_chunks: int) -> np.ndarray:
