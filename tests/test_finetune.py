@@ -147,18 +147,18 @@ def test_pretrained_checkpoint_init_and_vocab_mismatch(tmp_path):
 # ------------------------------------------------------------------------------------------------ real data
 
 
-@pytest.mark.parametrize("layer_decay", ["1.0", "0.8"])
-def test_sst2_smoke_run_beats_majority_class(shared_data, tmp_path, layer_decay):
+@pytest.mark.parametrize("layer_decay, pooling", [("1.0", "cls"), ("0.8", "cls"), ("1.0", "mean")])
+def test_sst2_smoke_run_beats_majority_class(shared_data, tmp_path, layer_decay, pooling):
     """A 1-layer model (whole-word vocabulary of its training rows) on 1500 real SST-2 rows, scored on 400 other
     training rows (same distribution, never trained on), must beat always predicting the majority class; with
-    layer-wise lr decay too (the optimizer state gains a stage)."""
+    layer-wise lr decay too (the optimizer state gains a stage), and with mean pooling (kept by the saved model)."""
     data = glue.read_split("sst2", "train", shared_data / "glue")
     rows = np.random.default_rng(0).permutation(len(data))
     train, held_out = data.take(rows[:1500]), data.take(rows[1500:1900])
     words = {w for t in train.text_a for w in re.findall(r"\w+|[^\w\s]", t.lower())}
     cfg = tiny(tmp_path, write_vocab(tmp_path / "v.txt", words), "finetune.task=sst2", "finetune.lr=3e-3",
                "finetune.epochs=3", "finetune.dropout=0.0", "finetune.attention_dropout=0.0", "finetune.run_name=smoke",
-               f"finetune.layer_decay={layer_decay}")
+               f"finetune.layer_decay={layer_decay}", f"finetune.pooling={pooling}")
     start = prepare_start(cfg, None, glue.TASKS["sst2"])
     encode = lambda d: encode_split(d, start.tokenizer, 32)  # noqa: E731
     result = run(start.cfg, start, TaskData(glue.TASKS["sst2"], encode(train), {"dev": encode(held_out)}),
@@ -168,6 +168,8 @@ def test_sst2_smoke_run_beats_majority_class(shared_data, tmp_path, layer_decay)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["split"] == "eval"] == [1, 2, 3]
     assert (result.run_dir / "best" / "finetuned.json").is_file()
+    saved_cfg, saved, _, _ = load_classifier(result.run_dir / "best")
+    assert saved_cfg.model.pooling == saved.config.pooling == pooling
 
 
 # ------------------------------------------------------------------------------------------------ CLI

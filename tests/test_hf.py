@@ -345,6 +345,18 @@ def test_glu_model_export_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_mean_pooled_classifier_export_is_refused_and_its_encoder_is_not(tmp_path):
+    tokenizer = _tokenizer(tmp_path)
+    classifier = _model(tokenizer.vocab_size, False, num_labels=3, pooling="mean")
+    for export in (lambda: export_hf(classifier, tokenizer, tmp_path / "hf"), lambda: model_to_hf_state(classifier)):
+        with pytest.raises(ValueError, match="model.pooling=mean: HF sequence classification pools") as info:
+            export()
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "hf").exists()
+    mlm = _model(tokenizer.vocab_size, False, pooling="mean")  # an MLM model's pooler is not part of a classifier
+    assert export_hf(mlm, tokenizer, tmp_path / "mlm").joinpath("model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("post_ln", [True, False], ids=["post_ln", "pre_ln"])
 def test_export_classifier_loads_in_transformers(tmp_path, post_ln):
     transformers = pytest.importorskip("transformers")

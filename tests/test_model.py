@@ -168,6 +168,30 @@ def test_classifier_outputs_and_regression(tiny_config):
     assert out.shape == (3, 1) and out.dtype == jnp.float32
 
 
+def test_mean_pooling_reads_the_real_tokens_only(tiny_config):
+    """model.pooling=mean: tanh(pooler(mean of the real tokens' states)) -> classifier; padding changes nothing."""
+    cfg = config.replace(tiny_config, model={"pooling": "mean"})
+    model = BertForClassification(cfg.model, 3, key=jax.random.PRNGKey(11))
+    ids, seg = _batch(cfg, seq=10)
+    pad = 6
+    ids_p = jnp.concatenate([ids, jnp.full((ids.shape[0], pad), 7, jnp.int32)], 1)
+    seg_p = jnp.concatenate([seg, jnp.zeros((ids.shape[0], pad), jnp.int32)], 1)
+    mask_p = jnp.broadcast_to(jnp.arange(ids_p.shape[1])[None] < ids.shape[1], ids_p.shape)
+    short = run(model, ids, seg, None, attention="xla")
+    np.testing.assert_allclose(np.asarray(run(model, ids_p, seg_p, mask_p, attention="xla")), np.asarray(short),
+                               atol=1e-5)
+    hidden = run(model.bert, ids, seg, None, attention="xla")
+    expected = model.classifier(jnp.tanh(model.bert.pooler(hidden.mean(1))))
+    np.testing.assert_allclose(np.asarray(short), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    cls = with_config(model, "bert", dataclasses.replace(cfg.model, pooling="cls"))  # same weights, [CLS] pooling
+    np.testing.assert_allclose(np.asarray(run(cls, ids, seg, None, attention="xla")),
+                               np.asarray(model.classifier(jnp.tanh(model.bert.pooler(hidden[:, 0])))),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(run(cls, ids, seg, None, attention="xla")), np.asarray(short), atol=1e-4)
+    with pytest.raises(config.ConfigError, match="'model.pooling'.*cls|mean"):
+        config.replace(tiny_config, model={"pooling": "max"})
+
+
 def test_segment_and_position_embeddings_matter(tiny_config):
     bert = BertModel(tiny_config.model, key=jax.random.PRNGKey(11))
     ids, seg = _batch(tiny_config)

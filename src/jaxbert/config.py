@@ -30,6 +30,9 @@ PRESETS = ("tiny", "mini", "small", "medium", "base")
 TEXT_FORMATS = ("auto", "blank-line", "line")
 
 
+POOLINGS = ("cls", "mean")  # what a classifier's pooler reads (model.pooling, finetune.pooling)
+
+
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type, or an impossible value."""
 
@@ -61,6 +64,9 @@ class ModelConfig:
     # ffn_out(act(a) * b). ffn stays the inner width, so glu has 1.5x the FFN parameters of mlp at equal ffn;
     # ffn = 2/3 * 4 * hidden (e.g. 2048 at hidden 768) matches the parameters of mlp with ffn = 4 * hidden
     ffn_type: str = "mlp"
+    # what the pooler of a classifier reads: "cls" (the [CLS] position, as BERT) or "mean" (the mean over real
+    # tokens). Set for finetuning by finetune.pooling; pretraining does not use the pooler
+    pooling: str = "cls"
 
     @property
     def head_dim(self) -> int:
@@ -178,6 +184,9 @@ class FinetuneConfig(OptimizerFields):
     batch_size: int = 32
     beta2: float = 0.999  # BERT's finetuning recipe (the other optimizer fields: see OptimizerFields)
     dropout: float = 0.1
+    # the classifier's pooler reads the [CLS] position ("cls", BERT's; the only one HF export takes) or the mean of
+    # the real tokens' states ("mean": pretraining never shows [CLS] to a jaxbert model, every token it trains)
+    pooling: str = "cls"
     max_len: int = 128
     seed: int = 0
     precision: str = "fp32"
@@ -369,6 +378,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
     _check(m.activation in ("gelu", "gelu_tanh"), "model.activation", f"expected gelu|gelu_tanh, got {m.activation!r}")
     _check(m.ffn_type in ("mlp", "glu"), "model.ffn_type", f"expected mlp|glu, got {m.ffn_type!r}")
+    _check(m.pooling in POOLINGS, "model.pooling", f"expected {'|'.join(POOLINGS)}, got {m.pooling!r}")
     _check(cfg.tokenizer.vocab_size >= 64, "tokenizer.vocab_size", "must be at least 64")
     _check(d.seq_len >= 8, "data.seq_len", f"must be at least 8, got {d.seq_len}")
     _check(d.seq_len <= m.max_positions, "data.seq_len",
@@ -418,6 +428,7 @@ def validate(cfg: Config) -> Config:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     _check(f.max_len <= m.max_positions, "finetune.max_len", f"exceeds model.max_positions={m.max_positions}")
     _check(0.0 <= f.dropout < 1.0, "finetune.dropout", "must be in [0, 1)")
+    _check(f.pooling in POOLINGS, "finetune.pooling", f"expected {'|'.join(POOLINGS)}, got {f.pooling!r}")
     _check(0.0 <= f.attention_dropout < 1.0, "finetune.attention_dropout", "must be in [0, 1)")
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         _check(getattr(f, name) > 0, f"finetune.{name}", f"must be positive, got {getattr(f, name)}")

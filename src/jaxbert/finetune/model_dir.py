@@ -51,10 +51,10 @@ class Start:
 
 
 def finetune_model_config(cfg: Config, model_cfg: Any, vocab_size: int) -> Config:
-    """``cfg`` with ``model_cfg`` as its model section, the tokenizer's vocab size and finetuning dropout."""
+    """``cfg`` with ``model_cfg`` as its model section, the tokenizer's vocab size, finetuning dropout and pooling."""
     f = cfg.finetune
     model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size, dropout=f.dropout,
-                                    attention_dropout=f.attention_dropout)
+                                    attention_dropout=f.attention_dropout, pooling=f.pooling)
     return config_lib.replace(cfg, model=model_cfg)
 
 

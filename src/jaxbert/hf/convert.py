@@ -125,7 +125,7 @@ def position_offset(hf_config: Mapping[str, Any]) -> int:
 def hf_config_from_model(cfg: ModelConfig, *, pad_id: int, cls_id: Optional[int] = None,
                          sep_id: Optional[int] = None, num_labels: Optional[int] = None) -> dict[str, Any]:
     """The HF ``config.json`` for a jaxbert model (BERT when post-LN, RobertaPreLayerNorm when pre-LN)."""
-    check_exportable(cfg)
+    check_exportable(cfg, num_labels is not None)
     layout = BERT if cfg.post_ln else PRELN
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[(layout, num_labels is not None)]], "model_type": layout,
@@ -158,11 +158,15 @@ def skeleton(cfg: ModelConfig, num_labels: Optional[int] = None) -> BertForMLM |
 # --- jaxbert -> HF ----------------------------------------------------------------------------------------------
 
 
-def check_exportable(cfg: ModelConfig) -> None:
-    """Raise ValueError when ``cfg`` has no HF BERT layout (a gated feed-forward)."""
+def check_exportable(cfg: ModelConfig, classify: bool = False) -> None:
+    """Raise ValueError when ``cfg`` has no HF BERT layout (a gated feed-forward; a classifier that pools the mean
+    of the tokens)."""
     if cfg.ffn_type != "mlp":
         raise ValueError(f"model.ffn_type={cfg.ffn_type}: a gated feed-forward is not a BERT layout; "
                          "HF export needs model.ffn_type=mlp")
+    if classify and cfg.pooling != "cls":
+        raise ValueError(f"model.pooling={cfg.pooling}: HF sequence classification pools the [CLS] position; a "
+                         "classifier finetuned with finetune.pooling=mean has no HF equivalent")
 
 
 def _bias_of(ours: Mapping[str, Any], dense: str, xp: Any, index: Optional[int] = None) -> Any:
@@ -188,7 +192,7 @@ def _module_to_hf(ours: Mapping[str, Any], name: str, hf: str, kind: str, out: d
 
 def _to_hf(ours: Mapping[str, Any], cfg: ModelConfig, classify: bool, pad_id: int, xp: Any) -> dict[str, Any]:
     """The conversion, written once for numpy (``xp=np``) and for shape inference (``xp=jnp``)."""
-    check_exportable(cfg)
+    check_exportable(cfg, classify)
     layout = BERT if cfg.post_ln else PRELN
     prefix = PREFIXES[layout]
     out: dict[str, Any] = {}

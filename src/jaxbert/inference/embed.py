@@ -22,30 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import POOLINGS
 from ..data.glue import SplitData
 from ..data.pairs import eval_batches, encode_split
 from ..io import atomic_file
 from ..model import BertModel
+from ..model.bert import pool_tokens
 from ..precision import Policy
-
-POOLINGS = ("mean", "cls")
-
-
-def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
-    """float32 ``(b, hidden)`` from ``(b, s, hidden)`` states and the ``(b, s)`` real-token mask."""
-    hidden = hidden.astype(jnp.float32)
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "mean":
-        weights = mask.astype(jnp.float32)[..., None]
-        return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1e-9)
-    raise ValueError(f"pooling '{pooling}': expected one of {', '.join(POOLINGS)}")
 
 
 @eqx.filter_jit
 def embed_step(bert: BertModel, ids: jax.Array, segments: jax.Array, mask: jax.Array, *, pooling: str,
                normalize: bool, policy: Policy, attention: str) -> jax.Array:
-    pooled = pool(bert(ids, segments, mask, policy=policy, attention=attention), mask, pooling)
+    pooled = pool_tokens(bert(ids, segments, mask, policy=policy, attention=attention), mask, pooling)
     if normalize:
         pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
     return pooled

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
-from ..config import Kernels, ModelConfig
+from ..config import POOLINGS, Kernels, ModelConfig
 from ..precision import Policy
 from .layers import Dense, EncoderLayer, Embeddings, LayerNorm, dropout
 
@@ -103,9 +103,25 @@ class BertModel(eqx.Module):
                       None if fp8_scales is None else fp8_scales[i])
         return self._finish(x, kernels)
 
-    def pool(self, hidden: Array) -> Array:
-        """BERT's pooled output: tanh of a dense layer on the first ([CLS]) position."""
-        return jnp.tanh(self.pooler(hidden[:, 0]))
+    def pool(self, hidden: Array, mask: Optional[Array] = None) -> Array:
+        """The pooled output: tanh of a dense layer on the first ([CLS]) position (BERT's), or with
+        ``config.pooling == "mean"`` on the mean over the real tokens (``mask``; None: every position)."""
+        if self.config.pooling == "cls":
+            return jnp.tanh(self.pooler(hidden[:, 0]))
+        mask = jnp.ones(hidden.shape[:2], bool) if mask is None else mask
+        return jnp.tanh(self.pooler(pool_tokens(hidden, mask, "mean").astype(hidden.dtype)))
+
+
+def pool_tokens(hidden: Array, mask: Array, pooling: str) -> Array:
+    """float32 ``(b, hidden)`` from ``(b, s, hidden)`` states and the ``(b, s)`` real-token mask: the state at
+    [CLS] (``"cls"``) or the mean over the real tokens (``"mean"``)."""
+    hidden = hidden.astype(jnp.float32)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        weights = mask.astype(jnp.float32)[..., None]
+        return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1e-9)
+    raise ValueError(f"pooling '{pooling}': expected one of {', '.join(POOLINGS)}")
 
 
 def with_config(module: eqx.Module, path: str, cfg: ModelConfig) -> eqx.Module:

@@ -172,7 +172,8 @@ class BertForMLM(eqx.Module):
 
 
 class BertForClassification(eqx.Module):
-    """Pooled [CLS] -> dropout -> dense to ``num_labels`` logits (``num_labels == 1``: regression)."""
+    """Pooled [CLS] (or mean, ``config.pooling``) -> dropout -> dense to ``num_labels`` logits (``num_labels == 1``:
+    regression)."""
 
     bert: BertModel
     classifier: Dense
@@ -194,5 +195,5 @@ class BertForClassification(eqx.Module):
                  attention: str | Kernels = "auto") -> Float[Array, "b labels"]:
         k_enc, k_drop = (None, None) if key is None else jax.random.split(key)
         hidden = self.bert(input_ids, segment_ids, mask, key=k_enc, policy=policy, attention=attention)
-        pooled = dropout(self.bert.pool(hidden), self.config.dropout, k_drop)
+        pooled = dropout(self.bert.pool(hidden, mask), self.config.dropout, k_drop)
         return self.classifier(pooled).astype(jnp.float32)
