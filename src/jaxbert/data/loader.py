@@ -57,8 +57,9 @@ class TokenStream:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         n = (len(self) - (seq_len - 1 if shift else 0)) // seq_len
         if n < 1:
+            where = " at every window offset (data.shift_windows)" if shift else ""
             raise ValueError(f"token stream {self.path}: {len(self)} tokens is shorter than one sequence "
-                             f"of seq_len={seq_len}" + (" at every window offset (data.shift_windows)" if shift else ""))
+                             f"of seq_len={seq_len}{where}")
         return n
 
     def chunks(self, indices: np.ndarray, seq_len: int, offsets: np.ndarray | int = 0) -> np.ndarray:

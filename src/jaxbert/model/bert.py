@@ -106,10 +106,8 @@ class BertModel(eqx.Module):
     def pool(self, hidden: Array, mask: Optional[Array] = None) -> Array:
         """The pooled output: tanh of a dense layer on the first ([CLS]) position (BERT's), or with
         ``config.pooling == "mean"`` on the mean over the real tokens (``mask``; None: every position)."""
-        if self.config.pooling == "cls":
-            return jnp.tanh(self.pooler(hidden[:, 0]))
         mask = jnp.ones(hidden.shape[:2], bool) if mask is None else mask
-        return jnp.tanh(self.pooler(pool_tokens(hidden, mask, "mean").astype(hidden.dtype)))
+        return jnp.tanh(self.pooler(pool_tokens(hidden, mask, self.config.pooling).astype(hidden.dtype)))
 
 
 def pool_tokens(hidden: Array, mask: Array, pooling: str) -> Array:
