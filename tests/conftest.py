@@ -17,6 +17,19 @@ def pytest_configure(config):
 # CLI entry points turn on JAX's persistent compilation cache under $XDG_CACHE_HOME/jaxbert: keep the tests' own
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="jaxbert-tests-cache-"))
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+    """Drop JAX's compiled executables after each test module. One process runs the whole suite and otherwise keeps
+    every executable it ever compiled, each holding memory maps of its machine code: the suite's ~73,000 maps went
+    past the kernel's vm.max_map_count (65,530 here and in CI), and XLA's CPU compiler crashed (segfault)
+    compiling whichever step came next, near the 420th test, while every module passes on its own. Cleared after
+    each module the count stays under ~12,000."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 # ../shared/data beside the checkout (CI lays it out the same way); JAXBERT_SHARED_DATA overrides.
 SHARED_DATA = Path(os.environ.get("JAXBERT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

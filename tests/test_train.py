@@ -99,9 +99,8 @@ def test_train_step_reduces_loss_and_is_deterministic(cfg, ids, options):
 
 
 def test_pretraining_dropout_acts_in_the_step(cfg, ids):
-    """model.dropout > 0 in pretraining: the same start and batch give another loss than without dropout. (The
-    micro-batches are those of the test above, whose compiled steps this one reuses: in the full suite a fresh
-    compile of the dropout step here crashed XLA's CPU compiler, jaxlib 0.10.2, while alone it compiles.)"""
+    """model.dropout > 0 in pretraining: the same start and batch give another loss than without dropout (the
+    micro-batches of the test above: its compiled steps are reused)."""
     losses = []
     for c in (cfg, _config("model.dropout=0.1")):
         _, metrics = train_step(init_state(c, key=jax.random.PRNGKey(0)), [ids[:4], ids[4:]], 1e-2,
